@@ -1,0 +1,10 @@
+"""Attention kernels of `sfi`, imported as `sfi_kernels` (never as `kernels`: Hugging Face ships a
+package of that name and transformers probes for it).
+
+Each kernel comes as a pure-torch reference plus, where it pays, a Triton implementation with the
+same signature. The references are the ground truth in tests and the CPU fallback at run time.
+"""
+
+from .decode_attention import decode_attention, decode_attention_ref
+
+__all__ = ["decode_attention", "decode_attention_ref"]

@@ -1,0 +1,271 @@
+"""`sfi run` as a library call: validate jobs, resume, load the model, batch, decode, write results.
+
+The CLI renders; this module decides. Data flows one way: jobs -> prompts -> batches -> decoder ->
+results. A bad job, a too-long prompt or a batch that runs out of memory costs that job only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .config import Config
+from .decoder import PrefillDone, Request, StepDone, generate
+from .errors import JobInputError
+from .jobs import Job, JobProblem, read_jobs
+from .loader import LoadedModel, load_model
+from .model import ModelArgs
+from .prompts import Prompt, PromptError, fit, render
+from .results import JobResult, ResultWriter
+from .sampling import RowSampler, SamplingParams
+from .scheduler import Sized, available_memory, plan_batches
+from .stopping import StopChecker
+
+
+@dataclass
+class RunOptions:
+    jobs: str  # a path, or "-" for stdin
+    output: str | None = None  # None or "-" = stdout
+    output_format: str = "sfi"
+    model: str | None = None  # None = the default test model
+    config: Config = field(default_factory=Config)
+    strict: bool = False
+    truncate: str | None = None  # None | "left" | "middle"
+    overwrite: bool = False
+
+
+@dataclass
+class RunSummary:
+    model: str = ""
+    device: str = ""
+    jobs_total: int = 0  # lines that parsed or had an id
+    skipped: int = 0  # already finished in the output (resume)
+    succeeded: int = 0
+    failed: int = 0  # error results written, plus bad lines without an id
+    invalid_lines: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    load_s: float = 0.0
+    elapsed_s: float = 0.0
+    decode_s: float = 0.0  # summed over batches, wall time of their decode loops
+    interrupted: bool = False
+    config: dict = field(default_factory=dict)
+    results: list[dict] = field(default_factory=list)  # short per-job lines for the report
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 2 if self.failed else 0
+
+
+class Observer(Protocol):
+    """What the engine tells its caller while it works; the CLI renders it."""
+
+    def message(self, text: str) -> None: ...
+    def problem(self, problem: JobProblem) -> None: ...
+    def start(self, jobs: int) -> None: ...
+    def tokens(self, n: int) -> None: ...
+    def job_done(self, result: JobResult) -> None: ...
+
+
+class Silent:
+    def message(self, text: str) -> None: ...
+    def problem(self, problem: JobProblem) -> None: ...
+    def start(self, jobs: int) -> None: ...
+    def tokens(self, n: int) -> None: ...
+    def job_done(self, result: JobResult) -> None: ...
+
+
+@dataclass
+class Prepared:
+    job: Job
+    prompt: Prompt
+    params: SamplingParams
+    stop: tuple[str, ...]
+    seed: int
+
+
+def _row_seed(run_seed: int, job_id: str) -> int:
+    """A job without its own seed still samples reproducibly, and independently of its batch."""
+    digest = hashlib.sha256(f"{run_seed}:{job_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def activation_bytes(args: ModelArgs, chunk: int, max_tokens: int, batch: int, on_cpu: bool) -> int:
+    """Headroom for one prefill chunk's activations and the logits, kept out of the KV budget."""
+    width = 3 * args.hidden_size + 2 * args.intermediate_size + (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    total = 2 * chunk * width * 4 + 2 * batch * args.vocab_size * 4
+    if on_cpu:  # the CPU attention path materialises the chunk's score matrix
+        total += chunk * max_tokens * args.n_heads * 4
+    return total
+
+
+class Runner:
+    """One `sfi run`: owns the writer, the model and the counters."""
+
+    def __init__(self, opts: RunOptions, observer: Observer) -> None:
+        self.opts, self.obs = opts, observer
+        self.cfg = opts.config
+        self.summary = RunSummary(config=self.cfg.to_dict())
+        self.t0 = time.perf_counter()
+
+    # -- results --------------------------------------------------------------------------------------
+    def _emit(self, writer: ResultWriter, result: JobResult) -> None:
+        writer.write(result)
+        s = self.summary
+        if result.finish_reason == "error":
+            s.failed += 1
+        else:
+            s.succeeded += 1
+            s.prompt_tokens += result.prompt_tokens
+            s.completion_tokens += result.completion_tokens
+        s.results.append({"id": result.id, "finish_reason": result.finish_reason, "error": result.error,
+                          "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                          "decode_tok_s": round(result.decode_tok_s, 2)})
+        self.obs.job_done(result)
+
+    def _fail(self, writer: ResultWriter, job_id: str, message: str, api: str = "sfi", **timing: float) -> None:
+        self._emit(writer, JobResult(id=job_id, text="", finish_reason="error", error=message, api=api,
+                                     model=self.summary.model, **timing))
+
+    # -- preparation ----------------------------------------------------------------------------------
+    def _prepare(self, job: Job, lm: LoadedModel) -> Prepared:
+        g, p = self.cfg.generation, job.params
+        pick = lambda own, default: default if own is None else own  # noqa: E731 - a job's own field wins
+        ids = render(job, lm.tokenizer)
+        prompt = fit(ids, pick(p.max_new_tokens, g.max_new_tokens), lm.max_context, self.opts.truncate)
+        params = SamplingParams(temperature=pick(p.temperature, g.temperature), top_p=pick(p.top_p, g.top_p),
+                                top_k=pick(p.top_k, g.top_k), seed=p.seed)
+        stop = tuple(pick(p.stop, tuple(g.stop)))
+        return Prepared(job, prompt, params, stop, _row_seed(g.seed, job.id))
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def _decode_batch(self, lm: LoadedModel, batch: Sequence[Prepared], writer: ResultWriter) -> None:
+        requests = [
+            Request(prompt_ids=p.prompt.ids, sampler=RowSampler(p.params, p.seed),
+                    stopper=StopChecker(lm.tokenizer, lm.eos_ids, p.stop, p.prompt.max_new_tokens))
+            for p in batch
+        ]
+        queue_s = [0.0] * len(batch)
+        prefill_s = [0.0] * len(batch)
+        decode_start = None
+        written = [False] * len(batch)
+
+        def finish(row: int) -> None:
+            p, req = batch[row], requests[row]
+            decode_s = time.perf_counter() - decode_start if decode_start is not None else 0.0
+            written[row] = True
+            self._emit(writer, JobResult(
+                id=p.job.id, text=req.stopper.text(), finish_reason=req.stopper.finish_reason or "length",
+                prompt_tokens=len(p.prompt.ids), completion_tokens=len(req.stopper.token_ids),
+                queue_s=queue_s[row], prefill_s=prefill_s[row], decode_s=decode_s, api=p.job.api,
+                model=self.summary.model, metadata=p.job.metadata,
+                extra={"truncated_from": p.prompt.truncated_from} if p.prompt.truncated_from else {}))
+
+        try:
+            for event in generate(lm.model, requests, self.cfg.decode.prefill_chunk):
+                if isinstance(event, PrefillDone):
+                    queue_s[event.row] = event.started - self.t0
+                    prefill_s[event.row] = event.seconds
+                    self.obs.tokens(1)
+                    if event.finished:
+                        finish(event.row)
+                    continue
+                assert isinstance(event, StepDone)
+                if decode_start is None:
+                    decode_start = time.perf_counter() - event.seconds
+                self.summary.decode_s += event.seconds
+                self.obs.tokens(len(event.rows))
+                for row in event.finished:
+                    finish(row)
+        except (torch.OutOfMemoryError, MemoryError):
+            left = [p for p, done in zip(batch, written, strict=True) if not done]
+            del requests
+            if lm.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(left) == 1:
+                self._fail(writer, left[0].job.id, "out of memory decoding this job alone", left[0].job.api)
+                return
+            half = len(left) // 2
+            self.obs.message(f"out of memory with {len(left)} rows; retrying as {half} + {len(left) - half}")
+            self._decode_batch(lm, left[:half], writer)
+            self._decode_batch(lm, left[half:], writer)
+
+    # -- the run --------------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        opts, s = self.opts, self.summary
+        jobset = read_jobs(opts.jobs)
+        if opts.strict and jobset.problems:
+            listing = "\n".join(f"  {p}" for p in jobset.problems[:20])
+            more = f"\n  ... and {len(jobset.problems) - 20} more" if len(jobset.problems) > 20 else ""
+            raise JobInputError(f"{len(jobset.problems)} bad line(s) in {opts.jobs} (--strict):\n{listing}{more}")
+        with ResultWriter(opts.output, opts.output_format, opts.overwrite) as writer:
+            try:
+                self._run(jobset.jobs, jobset.problems, writer)
+            except KeyboardInterrupt:
+                s.interrupted = True
+        s.elapsed_s = time.perf_counter() - self.t0
+        return s
+
+    def _run(self, jobs: list[Job], problems: list[JobProblem], writer: ResultWriter) -> None:
+        s = self.summary
+        done = writer.finished_ids
+        s.jobs_total = len(jobs) + sum(1 for p in problems if p.job_id is not None)
+        todo = [j for j in jobs if j.id not in done]
+        s.skipped = len(jobs) - len(todo) + sum(1 for p in problems if p.job_id in done)
+        if s.skipped:
+            self.obs.message(f"resuming: {s.skipped} job(s) already finished in {self.opts.output}")
+        for problem in problems:
+            self.obs.problem(problem)
+            s.invalid_lines += 1
+            if problem.job_id is None:
+                s.failed += 1
+            elif problem.job_id not in done:
+                self._fail(writer, problem.job_id, str(problem))
+        if not todo:
+            return
+        lm = load_model(self.opts.model, self.cfg.decode.device, self.cfg.decode.dtype, progress=self.obs.message)
+        s.model, s.load_s, s.device = lm.name, lm.load_s, str(lm.model.device)
+        self.obs.message(f"model {lm.name} ({lm.args.family}, {lm.args.n_layers} layers) on {lm.model.device}, "
+                         f"{str(lm.model.dtype).removeprefix('torch.')}, loaded in {lm.load_s:.1f}s")
+        sized: list[Sized[Prepared]] = []
+        for job in todo:
+            try:
+                p = self._prepare(job, lm)
+            except PromptError as e:
+                self._fail(writer, job.id, f"{job.source}:{job.line}: {e}", job.api)
+                continue
+            sized.append(Sized(p, len(p.prompt.ids) + p.prompt.max_new_tokens))
+        self.obs.start(len(sized))
+        if not sized:
+            return
+        self._decode_all(lm, sized, writer)
+
+    def _decode_all(self, lm: LoadedModel, sized: list[Sized[Prepared]], writer: ResultWriter) -> None:
+        d = self.cfg.decode
+        device = lm.model.device
+        longest = max(it.tokens for it in sized)
+        bpt = lm.args.kv_bytes_per_token(lm.model.dtype)
+        headroom = activation_bytes(lm.args, d.prefill_chunk, longest, d.max_batch_size, device.type == "cpu")
+        budget = int(available_memory(device) * d.kv_memory_fraction) - headroom
+        batches, too_big = plan_batches(sized, bpt, budget, d.max_batch_size)
+        for it in too_big:
+            need = it.tokens * bpt / 2**30
+            self._fail(writer, it.item.job.id, f"needs {need:.2f} GiB of KV cache for {it.tokens} tokens; "
+                       f"only {max(budget, 0) / 2**30:.2f} GiB is free for caches", it.item.job.api)
+        for batch in batches:
+            self._decode_batch(lm, [it.item for it in batch], writer)
+
+
+def run(opts: RunOptions, observer: Observer | None = None) -> RunSummary:
+    return Runner(opts, observer or Silent()).run()

@@ -1,0 +1,266 @@
+"""Our decoder: a plain dense transformer (Llama / Mistral / Qwen2 / Qwen3 families) with a KV cache.
+
+Hugging Face parameter names never appear here (the loader maps them). Two entry points, both with the
+step's state as explicit arguments: `prefill` (one row, one chunk of its prompt) and `decode` (one new
+token for each of several rows, every row at its own position). Attention is dispatched per step;
+later the decode step's metadata carries a per-row slow/fast plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfi_kernels import decode_attention
+
+from .cache import KVCache
+from .errors import ModelError
+from .rope import apply_rope, inv_freq_for, rope_table
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture, read from a checkpoint's config; never restated by hand."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_embeddings: bool
+    max_position_embeddings: int
+    rope: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any) -> ModelArgs:
+        family = getattr(cfg, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            raise ModelError(
+                f"architecture {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ModelError(f"activation {cfg.hidden_act!r} is not supported (only silu)")
+        if family == "mistral" and getattr(cfg, "sliding_window", None):
+            raise ModelError("sliding-window attention (Mistral v0.1) is not supported; use Mistral v0.2 or later")
+        if getattr(cfg, "use_sliding_window", False):
+            raise ModelError("sliding-window attention (use_sliding_window) is not supported")
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        return cls(
+            family=family,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            rms_eps=cfg.rms_norm_eps,
+            # Qwen2 always has q/k/v biases; Llama-style configs say so with attention_bias.
+            qkv_bias=family == "qwen2" or attention_bias,
+            o_bias=family != "qwen2" and attention_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope=rope,
+        )
+
+
+@dataclass
+class PrefillStep:
+    """One chunk of one row's prompt: tokens at positions [start, start + length) of cache row `row`."""
+
+    row: int
+    start: int
+    length: int
+
+
+@dataclass
+class DecodeStep:
+    """One new token for each of the rows `rows` [B] (cache row indices), at `positions` [B]."""
+
+    rows: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64, where the new token goes (= tokens already cached)
+    kv_len: int  # host-side max(positions) + 1: how far into the cache any row reads
+    whole_cache: bool  # rows == arange(cache batch): attention can read the cache without a gather
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = 1.0 / math.sqrt(args.head_dim)
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, t, _ = x.shape
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                step: PrefillStep) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin)  # q [1, Hq, T, D], k/v [1, Hkv, T, D]
+        end = step.start + step.length
+        kc, vc = cache.k[self.layer, step.row], cache.v[self.layer, step.row]  # [Hkv, S, D]
+        kc[:, step.start:end] = k[0]
+        vc[:, step.start:end] = v[0]
+        keys, values = kc[None, :, :end], vc[None, :, :end]  # [1, Hkv, end, D]
+        if step.start == 0:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            # Chunk i sees every cached key plus the chunk's own keys up to itself.
+            qpos = torch.arange(step.start, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= qpos  # [T, end]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(1, step.length, -1))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+               step: DecodeStep) -> torch.Tensor:
+        b = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)  # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
+        kc, vc = cache.k[self.layer], cache.v[self.layer]  # [Bc, Hkv, S, D]
+        kc[step.rows, :, step.positions] = k[:, :, 0]
+        vc[step.rows, :, step.positions] = v[:, :, 0]
+        keys, values = kc[:, :, : step.kv_len], vc[:, :, : step.kv_len]
+        if not step.whole_cache:
+            keys, values = keys[step.rows], values[step.rows]
+        out, _ = decode_attention(q[:, :, 0], keys, values, step.positions + 1, self.scale)  # [B, Hq, D]
+        return self.wo(out.reshape(b, 1, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate | up
+        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.inter, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.attention = Attention(args, layer)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                step: PrefillStep | DecodeStep) -> torch.Tensor:
+        attend = self.attention.prefill if isinstance(step, PrefillStep) else self.attention.decode
+        h = x + attend(self.attention_norm(x), cos, sin, cache, step)
+        return h + self.mlp(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_eps)
+        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq, self.rope_scale = inv_freq_for(args.rope, args.head_dim, args.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` tokens; also sizes the rotary table."""
+        self._ensure_rope(max_len)
+        a = self.args
+        return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+
+    def _ensure_rope(self, length: int) -> None:
+        if self.rope_cos.shape[0] >= length and self.rope_cos.dtype == self.dtype:
+            return
+        cos, sin = rope_table(self.inv_freq.cpu(), self.rope_scale, length)
+        # The table is computed in float32 and cast once, as Hugging Face casts it at every call.
+        self.rope_cos = cos.to(self.device, self.dtype)
+        self.rope_sin = sin.to(self.device, self.dtype)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, step: PrefillStep,
+                all_logits: bool = False) -> torch.Tensor:
+        """tokens [T] of one row -> float32 logits [V] of the last position ([T, V] with all_logits)."""
+        end = step.start + step.length
+        cos, sin = self.rope_cos[step.start:end], self.rope_sin[step.start:end]  # [T, D]
+        h = self.tok_embeddings(tokens[None])  # [1, T, H]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, step)
+        return self._head(h[0]) if all_logits else self._head(h[0, -1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, cache: KVCache, step: DecodeStep) -> torch.Tensor:
+        """tokens [B] (one per row of `step`) -> float32 logits [B, V]."""
+        cos = self.rope_cos[step.positions][:, None, None]  # [B, 1, 1, D]
+        sin = self.rope_sin[step.positions][:, None, None]
+        h = self.tok_embeddings(tokens[:, None])  # [B, 1, H]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, step)
+        return self._head(h[:, 0])

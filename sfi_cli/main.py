@@ -1,0 +1,109 @@
+"""The `sfi` command: parse options, resolve the config, call the library, render with rich.
+
+Exit codes: 0 every job succeeded; 1 usage or configuration error; 2 some jobs failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from sfi.config import available_recipes, load_config, recipes_dir, with_generation
+from sfi.errors import SfiError
+
+from .options import Device, Dtype, Model, OutputFormat, Quiet, Recipe, Report, Set, Truncate
+from .render import Reporter, write_report
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Batch long-context LLM decoding with Slow-Fast Inference.")
+
+
+@app.command("run")
+def run_command(
+    jobs: Annotated[str, typer.Argument(help="JSONL jobs file, or - for stdin.")],
+    model: Model = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Results JSONL (default: stdout). "
+                      "Re-running with the same path resumes.", show_default=False)] = None,
+    output_format: Annotated[OutputFormat, typer.Option(help="sfi lines, or OpenAI Batch API output lines.")]
+    = OutputFormat.sfi,
+    recipe: Recipe = "default",
+    set_: Set = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Default for jobs without their own "
+                              "[default: 256].", show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Default sampling temperature; 0 = greedy "
+                           "[default: 0].", show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option(help="Default nucleus mass [default: 1].", show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, help="Default top-k; 0 = off [default: 0].",
+                                              show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed; jobs without a seed derive theirs from it and their "
+                                             "id [default: 0].", show_default=False)] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Default stop string (repeatable).",
+                                                   show_default=False)] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    truncate: Annotated[Truncate | None, typer.Option(help="Cut prompts longer than the context instead of "
+                        "failing them: keep the end (left) or both ends (middle).", show_default=False)] = None,
+    strict: Annotated[bool, typer.Option(help="Abort before loading the model if any line is bad.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the output over instead of resuming.")] = False,
+    report: Report = None,
+    quiet: Quiet = False,
+) -> None:
+    """Decode every job of a JSONL file and write one result line per job."""
+    from sfi.engine import Runner, RunOptions
+
+    overrides = list(set_ or [])
+    overrides += [f"decode.{k}={v}" for k, v in (("device", device), ("dtype", dtype)) if v is not None]
+    config = with_generation(load_config(recipe, overrides), max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) if stop else None)
+    reporter = Reporter(quiet)
+    opts = RunOptions(jobs=jobs, output=output, output_format=output_format.value, model=model, config=config,
+                      strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite)
+    try:
+        summary = Runner(opts, reporter).run()
+    finally:
+        reporter.close()
+    reporter.summary(summary)
+    if report is not None:
+        write_report(report, summary)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("recipes")
+def recipes_command() -> None:
+    """List the shipped recipes."""
+    for name in available_recipes():
+        config = load_config(name)
+        typer.echo(f"{name:10s} {config.description}")
+    typer.echo(f"(in {recipes_dir()})")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # cron and batch schedulers stop jobs with SIGTERM: finish the current line and exit like Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="sfi", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:  # usage errors: click's own code is 2, ours is 1
+        e.show()
+        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("sfi: interrupted", file=sys.stderr)
+        return 130
+    except SfiError as e:
+        print(f"sfi: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

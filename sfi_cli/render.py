@@ -1,0 +1,116 @@
+"""Everything the user sees on stderr: progress, messages, bad lines, the run summary.
+
+On a terminal: a rich progress bar and a table. Otherwise (cron, pipes): plain `sfi: ...` lines.
+With --quiet: nothing (errors are printed by main, not here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sfi.engine import RunSummary
+from sfi.jobs import JobProblem
+from sfi.results import JobResult
+
+
+class Reporter:
+    """The engine's Observer for the CLI."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.tty = self.console.is_terminal
+        self.progress: Progress | None = None
+        self.task = None
+        self.tokens_total = 0
+        self.started = time.perf_counter()
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        elif self.tty:
+            self.console.print(text, markup=False, highlight=False)
+        else:
+            print(f"sfi: {text}", file=self.console.file, flush=True)
+
+    def message(self, text: str) -> None:
+        self._line(text)
+
+    def problem(self, problem: JobProblem) -> None:
+        self._line(f"bad job: {problem}")
+
+    def start(self, jobs: int) -> None:
+        self.started = time.perf_counter()
+        if self.quiet or not self.tty or jobs == 0:
+            return
+        self.progress = Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=self.console)
+        self.task = self.progress.add_task("jobs", total=jobs, rate="")
+        self.progress.start()
+
+    def tokens(self, n: int) -> None:
+        self.tokens_total += n
+        if self.progress is not None:
+            rate = self.tokens_total / max(time.perf_counter() - self.started, 1e-9)
+            self.progress.update(self.task, rate=f"{rate:,.1f} tok/s")
+
+    def job_done(self, result: JobResult) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+        if result.finish_reason == "error":
+            self._line(f"job {result.id} failed: {result.error}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def summary(self, s: RunSummary) -> None:
+        self.close()
+        if self.quiet:
+            return
+        rows = [
+            ("model", f"{s.model or '-'} on {s.device or '-'} (loaded in {s.load_s:.1f}s)"),
+            ("jobs", f"{s.succeeded} ok, {s.failed} failed, {s.skipped} already done"
+                     + (f", {s.invalid_lines} bad line(s)" if s.invalid_lines else "")),
+            ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
+            ("decode", f"{s.decode_tok_s:,.1f} tok/s over {s.decode_s:.1f}s"),
+            ("elapsed", f"{s.elapsed_s:.1f}s" + ("  (interrupted)" if s.interrupted else "")),
+        ]
+        if self.tty:
+            table = Table(title="sfi run", show_header=False, title_justify="left")
+            for key, value in rows:
+                table.add_row(key, value)
+            self.console.print(table)
+        else:
+            for key, value in rows:
+                print(f"sfi: {key}: {value}", file=self.console.file, flush=True)
+
+
+def write_report(path: Path, summary: RunSummary) -> None:
+    """The JSON report, written whole or not at all."""
+    data = {
+        "model": summary.model, "device": summary.device, "exit_code": summary.exit_code,
+        "jobs": {"total": summary.jobs_total, "succeeded": summary.succeeded, "failed": summary.failed,
+                 "skipped": summary.skipped, "invalid_lines": summary.invalid_lines},
+        "tokens": {"prompt": summary.prompt_tokens, "completion": summary.completion_tokens},
+        "timing": {"load_s": round(summary.load_s, 3), "elapsed_s": round(summary.elapsed_s, 3),
+                   "decode_s": round(summary.decode_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2)},
+        "interrupted": summary.interrupted, "config": summary.config, "results": summary.results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
