@@ -1,0 +1,112 @@
+"""Model resolution and loading: formats, errors that say what to do, nothing executed from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfi.errors import ModelError
+from sfi.loader import load_model, resolve_model_dir
+from sfi.model import PrefillStep
+
+import tiny
+
+
+def _logits(lm, n=40):
+    ids = torch.tensor(tiny.tokenizer()(tiny.TEXT)["input_ids"][:n])
+    return lm.model.prefill(ids, lm.model.new_cache(1, n), PrefillStep(0, 0, n))
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+def test_sharded_and_bin_checkpoints_load_the_same_weights(qwen2_dir, tmp_path):
+    ref = _logits(load_model(str(qwen2_dir), device="cpu"))
+    state = load_file(qwen2_dir / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    from safetensors.torch import save_file
+
+    shards = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, sharded / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (sharded / f).write_bytes((qwen2_dir / f).read_bytes())
+    torch.testing.assert_close(_logits(load_model(str(sharded), device="cpu")), ref)
+
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(state, binary / "pytorch_model.bin")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (binary / f).write_bytes((qwen2_dir / f).read_bytes())
+    torch.testing.assert_close(_logits(load_model(str(binary), device="cpu")), ref)
+
+
+def test_pickle_with_code_is_refused(qwen2_dir, tmp_path):
+    """A .bin whose pickle would run code is rejected by weights_only loading, with the file named."""
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"x": Evil()}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_bytes((qwen2_dir / "config.json").read_bytes())
+    with pytest.raises(ModelError, match="pytorch_model.bin"):
+        load_model(str(folder), device="cpu")
+
+
+def test_truncated_safetensors_names_the_file(qwen2_dir, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((qwen2_dir / f).read_bytes())
+    data = (qwen2_dir / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"model\.safetensors.*(corrupt|truncated)"):
+        load_model(str(folder), device="cpu")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelError, match="supported: llama, mistral, qwen2, qwen3"):
+        load_model(str(folder), device="cpu")
+
+
+def test_missing_weights_are_reported(qwen2_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    state = load_file(qwen2_dir / "model.safetensors")
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((qwen2_dir / f).read_bytes())
+    with pytest.raises(ModelError, match="layers.1.mlp.w13"):
+        load_model(str(folder), device="cpu")
+
+
+def test_repo_id_not_in_cache_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="hf download Qwen/Qwen3-4B"):
+        resolve_model_dir("Qwen/Qwen3-4B")
+
+
+def test_nonexistent_path_is_not_mistaken_for_a_repo_id():
+    with pytest.raises(ModelError, match="neither a directory"):
+        resolve_model_dir("./no/such/model")
