@@ -226,9 +226,9 @@ class Runner:
         if s.skipped:
             self.obs.message(f"resuming: {s.skipped} job(s) already finished in {self.opts.output}")
         for problem in problems:
-            self.obs.problem(problem)
             s.invalid_lines += 1
-            if problem.job_id is None:
+            if problem.job_id is None:  # no id, so no result line: stderr is the only place it shows
+                self.obs.problem(problem)
                 s.failed += 1
             elif problem.job_id not in done:
                 self._fail(writer, problem.job_id, str(problem))

@@ -9,7 +9,6 @@ import signal
 import sys
 from typing import Annotated
 
-import click
 import typer
 
 from sfi.config import available_recipes, load_config, recipes_dir, with_generation
@@ -17,6 +16,11 @@ from sfi.errors import SfiError
 
 from .options import Device, Dtype, Model, OutputFormat, Quiet, Recipe, Report, Set, Truncate
 from .render import Reporter, write_report
+
+try:  # typer >= 0.2x vendors click; its usage errors derive from TyperException
+    from typer import TyperException as UsageError
+except ImportError:  # older typer runs on click itself
+    from click import ClickException as UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch long-context LLM decoding with Slow-Fast Inference.")
@@ -90,19 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="sfi", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        # Not standalone: click would map usage errors to its own exit code 2, which means "jobs failed" here.
+        code = command.main(args=argv, prog_name="sfi", standalone_mode=False)
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # usage errors: click's own code is 2, ours is 1
+    except UsageError as e:  # click's own code for these is 2, which means "jobs failed" here
         e.show()
         return 1
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("sfi: interrupted", file=sys.stderr)
         return 130
     except SfiError as e:
         print(f"sfi: error: {e}", file=sys.stderr)
         return e.exit_code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
