@@ -1,0 +1,251 @@
+"""`sfi run` end to end through the CLI entry point, on a tiny random checkpoint.
+
+Covers the pipeline contract: one complete line per job, bad jobs failing alone, resume after a kill,
+stdin/stdout, locks, exit codes, and batching that does not change any job's output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+import sfi.engine
+from sfi.model import Transformer
+from sfi.results import ResultWriter
+from sfi_cli.main import main
+
+import tiny
+
+JOBS = [
+    {"id": "p1", "prompt": "The quick brown fox", "max_new_tokens": 9},
+    {"id": "p2", "prompt": tiny.TEXT, "max_new_tokens": 6},
+    {"id": "c1", "messages": [{"role": "user", "content": "Call me Ishmael."}], "max_new_tokens": 7},
+    {"id": "s1", "prompt": "Is it raining?", "max_new_tokens": 8, "temperature": 0.9, "seed": 5},
+    {"id": "s2", "prompt": "Numbers: 0 1 2", "max_new_tokens": 8, "temperature": 1.0, "top_k": 20},
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny.make_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen3"))
+
+
+def write_jobs(path, jobs, extra_lines=()):
+    lines = [json.dumps(j) for j in jobs] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def read_out(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_id(records):
+    return {r["id"]: r for r in records}
+
+
+def test_all_jobs_succeed_exit_0_with_report(ckpt, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "--report", str(report), "-q"]) == 0
+    records = by_id(read_out(out))
+    assert set(records) == {j["id"] for j in JOBS}
+    for job in JOBS:
+        r = records[job["id"]]
+        assert r["finish_reason"] in ("stop", "length") and r["error"] is None
+        assert 1 <= r["completion_tokens"] <= job["max_new_tokens"]
+        assert r["prompt_tokens"] > 0 and r["timing"]["decode_s"] >= 0
+    rep = json.loads(report.read_text())
+    assert rep["jobs"]["succeeded"] == len(JOBS) and rep["exit_code"] == 0
+    assert rep["config"]["recipe"] == "default" and rep["config"]["sfi"]["k_head"] == 2048
+    assert rep["tokens"]["completion"] == sum(r["completion_tokens"] for r in records.values())
+
+
+def test_bad_lines_fail_alone_exit_2(ckpt, tmp_path, capsys):
+    bad = ['{"id": "broken", "prompt": 5}', "not json at all", '{"id": "p1", "prompt": "dup"}']
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:2], bad)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out)]) == 2
+    records = by_id(read_out(out))
+    assert records["p1"]["finish_reason"] != "error" and records["p2"]["finish_reason"] != "error"
+    assert records["broken"]["finish_reason"] == "error"
+    assert "jobs.jsonl:3" in records["broken"]["error"] and "prompt" in records["broken"]["error"]
+    assert len(records) == 3  # the duplicate and the id-less line have no line of their own
+    assert "jobs.jsonl:4: malformed JSON" in capsys.readouterr().err
+
+
+def test_strict_aborts_before_loading_the_model(ckpt, tmp_path, monkeypatch, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1], ['{"id": "x", "prompt": ""}'])
+
+    def no_load(*a, **k):
+        raise AssertionError("model loaded despite --strict")
+
+    monkeypatch.setattr(sfi.engine, "load_model", no_load)
+    assert main(["run", jobs, "-m", ckpt, "-o", str(tmp_path / "o.jsonl"), "--strict"]) == 1
+    assert "jobs.jsonl:2: field 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--set", "sfi.k_hed=3"], "did you mean 'k_head'"),
+    (["--set", "decode.max_batch_size=0"], "max_batch_size must be >= 1"),
+    (["--bogus-flag"], "No such option"),
+    (["--output-format", "xml"], "xml"),
+])
+def test_usage_and_config_errors_exit_1(ckpt, tmp_path, capsys, argv, message):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1])
+    assert main(["run", jobs, "-m", ckpt, *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_jobs_file_exit_1(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.jsonl")]) == 1
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_stdin_to_stdout_pipeline(ckpt, monkeypatch, capsys):
+    data = "\n".join(json.dumps(j) for j in JOBS[:3]) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data.encode())))
+    assert main(["run", "-", "-m", ckpt, "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == ["c1", "p1", "p2"]
+
+
+def test_interrupt_then_resume_redoes_nothing_finished(ckpt, tmp_path, monkeypatch):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    reference = tmp_path / "ref.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(reference), "-q", "--set", "decode.max_batch_size=1"]) == 0
+
+    # Kill the run after two results: KeyboardInterrupt is what Ctrl-C and SIGTERM both become.
+    out = tmp_path / "out.jsonl"
+    real_emit = sfi.engine.Runner._emit
+    count = {"n": 0}
+
+    def emit_then_die(self, writer, result):
+        if count["n"] == 2:
+            raise KeyboardInterrupt
+        count["n"] += 1
+        real_emit(self, writer, result)
+
+    monkeypatch.setattr(sfi.engine.Runner, "_emit", emit_then_die)
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--set", "decode.max_batch_size=1"]) == 130
+    monkeypatch.setattr(sfi.engine.Runner, "_emit", real_emit)
+    first = read_out(out)
+    assert len(first) == 2
+    with out.open("a") as f:  # and a torn line, as from a kill -9 in the middle of a write
+        f.write('{"id": "p2", "text": "half')
+
+    decoded: list[int] = []
+    real_generate = sfi.engine.generate
+
+    def counting_generate(model, requests, *a, **k):
+        decoded.append(len(requests))
+        yield from real_generate(model, requests, *a, **k)
+
+    monkeypatch.setattr(sfi.engine, "generate", counting_generate)
+    report = tmp_path / "r.json"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--set", "decode.max_batch_size=1",
+                 "--report", str(report)]) == 0
+    assert sum(decoded) == len(JOBS) - 2
+    assert json.loads(report.read_text())["jobs"]["skipped"] == 2
+    final = read_out(out)
+    assert len(final) == len(JOBS) and len(by_id(final)) == len(JOBS)
+    ref = by_id(read_out(reference))
+    assert {k: v["text"] for k, v in by_id(final).items()} == {k: v["text"] for k, v in ref.items()}
+
+
+def test_overwrite_starts_over(ckpt, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:2])
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q"]) == 0
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["jobs"]["skipped"] == 2
+    argv = ["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--overwrite", "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["jobs"]["succeeded"] == 2
+    assert len(read_out(out)) == 2
+
+
+def test_batching_does_not_change_outputs(ckpt, tmp_path):
+    """Greedy and seeded sampled jobs give the same text whether batched together or decoded alone."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    alone, batched = tmp_path / "alone.jsonl", tmp_path / "batched.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(alone), "-q", "--set", "decode.max_batch_size=1"]) == 0
+    assert main(["run", jobs, "-m", ckpt, "-o", str(batched), "-q"]) == 0
+    a, b = by_id(read_out(alone)), by_id(read_out(batched))
+    assert {k: (v["text"], v["completion_tokens"]) for k, v in a.items()} == \
+        {k: (v["text"], v["completion_tokens"]) for k, v in b.items()}
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(ckpt, tmp_path, monkeypatch, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    ref = tmp_path / "ref.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(ref), "-q", "--set", "decode.max_batch_size=1"]) == 0
+    real_decode = Transformer.decode
+
+    def decode_small_batches_only(self, tokens, cache, step):
+        if cache.batch > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_decode(self, tokens, cache, step)
+
+    monkeypatch.setattr(Transformer, "decode", decode_small_batches_only)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out)]) == 0
+    assert "out of memory with 5 rows" in capsys.readouterr().err
+    got = by_id(read_out(out))
+    assert {k: v["text"] for k, v in got.items()} == {k: v["text"] for k, v in by_id(read_out(ref)).items()}
+
+
+def test_prompt_longer_than_context_fails_alone_unless_truncated(ckpt, tmp_path):
+    long = {"id": "long", "prompt": tiny.TEXT * 12, "max_new_tokens": 4}  # well past the 512-token context
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [long, JOBS[0]])
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q"]) == 2
+    got = by_id(read_out(out))
+    assert got["long"]["finish_reason"] == "error" and "context is 512" in got["long"]["error"]
+    assert got["p1"]["finish_reason"] != "error"
+    for mode in ("left", "middle"):
+        out2 = tmp_path / f"{mode}.jsonl"
+        assert main(["run", jobs, "-m", ckpt, "-o", str(out2), "-q", "--truncate", mode]) == 0
+        r = by_id(read_out(out2))["long"]
+        assert r["prompt_tokens"] + 4 <= 512 and r["truncated_from"] > 512
+
+
+def test_second_writer_on_the_same_output_is_refused(ckpt, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1])
+    out = tmp_path / "out.jsonl"
+    with ResultWriter(str(out)):
+        assert main(["run", jobs, "-m", ckpt, "-o", str(out)]) == 1
+    assert "another sfi run" in capsys.readouterr().err
+
+
+def test_openai_batch_lines_in_and_out(ckpt, tmp_path):
+    lines = [
+        {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}},
+        {"custom_id": "cmpl-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "x", "prompt": "Call me", "max_completion_tokens": 4}},
+    ]
+    jobs = write_jobs(tmp_path / "batch.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "--output-format", "openai", "-q"]) == 0
+    got = {r["custom_id"]: r for r in read_out(out)}
+    chat, cmpl = got["chat-1"]["response"], got["cmpl-1"]["response"]
+    assert chat["status_code"] == 200 and chat["body"]["object"] == "chat.completion"
+    assert chat["body"]["usage"]["completion_tokens"] <= 5
+    assert isinstance(chat["body"]["choices"][0]["message"]["content"], str)
+    assert cmpl["body"]["object"] == "text_completion" and cmpl["body"]["usage"]["completion_tokens"] <= 4
+
+
+def test_recipes_command_lists_shipped_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("default", "quality", "dense", "tiny"):
+        assert name in out
