@@ -33,6 +33,9 @@ class SfiConfig:
     boundary: str = "sentence"  # "sentence" | "fixed" | "none" (bootstrap only)
     fixed_period: int = 24  # for boundary "fixed"
     selector: str = "sfi"  # "sfi" | "topk" (plain top-k of the group-averaged attention)
+    # A context within sink + k_head + recent is attended whole (exactly dense). Off: such rows still take
+    # slow/fast steps through the compact memory (used to test that a covering budget equals dense).
+    dense_within_budget: bool = True
     alpha: float = 0.5  # power-mean exponent over the rows of a KV group
     gamma: float = 0.5  # key-norm prior exponent
     w_l2: float = 1.0
@@ -46,7 +49,8 @@ class SfiConfig:
     nms_strength: float = 1.0
     excl_temperature: float = 2.0
     excl_weight: float = 0.85
-    use_prior: bool = True  # ablation switches for the Selector's stages
+    use_power_mean: bool = True  # ablation switches for the Selector's stages (off: arithmetic mean)
+    use_prior: bool = True
     use_nms: bool = True
     use_exclusivity: bool = True
 

@@ -1,7 +1,8 @@
 """The decode loop: prefill each row, then one batched step at a time until every row has stopped.
 
 `generate` is a generator of per-step records, so progress, timing and reports need no hooks in the
-loop. Every step here is dense; the SFI issue adds a per-row slow/fast plan to `DecodeStep`.
+loop. With an `SfiRuntime` each row's prefill ends with the bootstrap selection and each step carries a
+per-row slow/fast plan; without one every step is dense (the `dense` recipe).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
+from .memory import SparseMemory
 from .model import DecodeStep, PrefillStep, Transformer
+from .runtime import Capture, SfiRuntime
 from .sampling import RowSampler, sample
 from .stopping import StopChecker
 
@@ -42,14 +45,28 @@ class StepDone:
     tokens: list[int]  # the token each of them got
     finished: list[int]  # rows that stopped at this step
     seconds: float
+    kinds: list[str] | None = None  # per row: "slow", "fast" or "full" (None: every row dense)
 
 
-def prefill_row(model: Transformer, cache: KVCache, row: int, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunk_starts(length: int, chunk: int, last_at_least: int = 1) -> list[int]:
+    """Start positions of prefill chunks; the last chunk holds at least `last_at_least` tokens (the
+    bootstrap window must lie in one chunk)."""
+    starts = list(range(0, length, chunk))
+    if len(starts) > 1 and length - starts[-1] < last_at_least:
+        starts.pop()
+    return starts
+
+
+def prefill_row(model: Transformer, cache: KVCache, row: int, ids: torch.Tensor, chunk: int,
+                bootstrap: Capture | None = None, refresh=None) -> torch.Tensor:
     """Fill cache row `row` with the prompt `ids` [T], `chunk` tokens at a time; return last logits [V]."""
+    starts = chunk_starts(len(ids), chunk, bootstrap.batch_index if bootstrap else 1)
+    bounds = list(zip(starts, starts[1:] + [len(ids)], strict=True))
     logits = None
-    for start in range(0, len(ids), chunk):
-        piece = ids[start:start + chunk]
-        logits = model.prefill(piece, cache, PrefillStep(row, start, len(piece)))
+    for i, (start, end) in enumerate(bounds):
+        last = i == len(bounds) - 1
+        step = PrefillStep(row, start, end - start, bootstrap if last else None, refresh if last else None)
+        logits = model.prefill(ids[start:end], cache, step)
     assert logits is not None, "empty prompt"
     return logits
 
@@ -60,19 +77,29 @@ def cache_length(requests: Sequence[Request]) -> int:
 
 
 def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int = 2048,
-             cache: KVCache | None = None) -> Iterator[PrefillDone | StepDone]:
+             cache: KVCache | None = None, runtime: SfiRuntime | None = None) -> Iterator[PrefillDone | StepDone]:
     """Decode `requests` as one batch; each row's tokens accumulate in its StopChecker."""
     device = model.device
     cache = cache or model.new_cache(len(requests), cache_length(requests))
+    if runtime is not None:
+        memory = None
+        if runtime.needs_memory([len(r.prompt_ids) + r.stopper.max_new_tokens for r in requests]):
+            a, cfg = model.args, runtime.cfg
+            memory = SparseMemory(a.n_layers, len(requests), a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim,
+                                  model.dtype, device)
+        runtime.attach(memory, cache)
     lengths = [0] * len(requests)
     last = [0] * len(requests)
     for row, req in enumerate(requests):
         started = time.perf_counter()
         ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
-        logits = prefill_row(model, cache, row, ids, prefill_chunk)
+        boot = runtime.bootstrap(row, len(ids)) if runtime is not None else None
+        logits = prefill_row(model, cache, row, ids, prefill_chunk, boot, runtime.refresh if runtime else None)
         token = int(sample(logits[None], [req.sampler])[0])
         lengths[row], last[row] = len(req.prompt_ids), token
         done = req.stopper.feed(token)
+        if runtime is not None:
+            runtime.observe(row, token)
         yield PrefillDone(row, started, time.perf_counter() - started, done)
 
     step = 0
@@ -81,17 +108,23 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
         started = time.perf_counter()
         rows = torch.tensor(active, dtype=torch.long, device=device)
         positions = torch.tensor([lengths[r] for r in active], dtype=torch.long, device=device)
+        kinds, sparse = runtime.plan(active, lengths, device) if runtime is not None else (None, None)
         plan = DecodeStep(rows=rows, positions=positions, kv_len=max(lengths[r] for r in active) + 1,
-                          whole_cache=len(active) == cache.batch)
+                          whole_cache=len(active) == cache.batch, sparse=sparse)
         tokens_in = torch.tensor([last[r] for r in active], dtype=torch.long, device=device)
         logits = model.decode(tokens_in, cache, plan)
         tokens = sample(logits, [requests[r].sampler for r in active]).tolist()
+        seconds = time.perf_counter() - started
+        if runtime is not None:
+            runtime.record(active, kinds, lengths, seconds)
         finished = []
         for row, token in zip(active, tokens, strict=True):
             lengths[row] += 1
             last[row] = token
             if requests[row].stopper.feed(token):
                 finished.append(row)
-        yield StepDone(step, list(active), tokens, finished, time.perf_counter() - started)
+            elif runtime is not None:
+                runtime.observe(row, token)
+        yield StepDone(step, list(active), tokens, finished, seconds, kinds)
         step += 1
         active = [r for r in active if not requests[r].stopper.finished]

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from .boundary import make_boundary
 from .config import Config
-from .decoder import PrefillDone, Request, StepDone, generate
+from .decoder import PrefillDone, Request, generate
 from .errors import JobInputError
 from .jobs import Job, JobProblem, read_jobs
 from .loader import LoadedModel, load_model
 from .model import ModelArgs
 from .prompts import Prompt, PromptError, fit, render
 from .results import JobResult, ResultWriter
+from .runtime import SfiRuntime
 from .sampling import RowSampler, SamplingParams
 from .scheduler import Sized, available_memory, plan_batches
 from .stopping import StopChecker
@@ -37,6 +39,7 @@ class RunOptions:
     strict: bool = False
     truncate: str | None = None  # None | "left" | "middle"
     overwrite: bool = False
+    compare_dense: bool = False  # also decode every job with the dense recipe and compare
 
 
 @dataclass
@@ -54,6 +57,11 @@ class RunSummary:
     elapsed_s: float = 0.0
     decode_s: float = 0.0  # summed over batches, wall time of their decode loops
     interrupted: bool = False
+    slow_steps: int = 0
+    fast_steps: int = 0
+    kv_bytes_read: int = 0
+    kv_bytes_dense: int = 0
+    compared: list[dict] = field(default_factory=list)  # each job's compare_dense object (--compare dense)
     config: dict = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)  # short per-job lines for the report
 
@@ -84,6 +92,34 @@ class Silent:
     def start(self, jobs: int) -> None: ...
     def tokens(self, n: int) -> None: ...
     def job_done(self, result: JobResult) -> None: ...
+
+
+@dataclass
+class Decoded:
+    prepared: Prepared
+    token_ids: list[int]
+    result: JobResult
+
+
+def dense_report(prompt_len: int, n: int, lm: LoadedModel, cfg) -> dict:
+    """The `sfi` report of a job decoded densely: every step reads the whole context."""
+    context = n * prompt_len + (n - 1) * n // 2  # the prefill step, then one more token per step
+    bpt = lm.args.kv_bytes_per_token(lm.model.dtype)
+    return {"slow_steps": n, "fast_steps": 0, "mean_interval": 1.0 if n > 1 else None,
+            "attended_fraction": 1.0, "kv_bytes_read": context * bpt, "kv_bytes_dense": context * bpt,
+            "estimated_speedup": 1.0}
+
+
+def compare(ours: Decoded, dense: Decoded) -> dict:
+    """Measured speedup of the decode phase and token agreement against the dense decode of the same job."""
+    a, b = ours.token_ids, dense.token_ids
+    same = 0
+    while same < min(len(a), len(b)) and a[same] == b[same]:
+        same += 1
+    ours_rate, dense_rate = ours.result.decode_tok_s, dense.result.decode_tok_s
+    return {"speedup": round(ours_rate / dense_rate, 3) if ours_rate and dense_rate else None,
+            "dense_decode_tok_s": round(dense_rate, 2),
+            "token_agreement": round(same / max(len(b), 1), 4), "identical": a == b}
 
 
 @dataclass
@@ -129,14 +165,23 @@ class Runner:
             s.succeeded += 1
             s.prompt_tokens += result.prompt_tokens
             s.completion_tokens += result.completion_tokens
+            report = result.extra.get("sfi", {})
+            s.slow_steps += report.get("slow_steps", 0)
+            s.fast_steps += report.get("fast_steps", 0)
+            s.kv_bytes_read += report.get("kv_bytes_read", 0)
+            s.kv_bytes_dense += report.get("kv_bytes_dense", 0)
+            if "compare_dense" in result.extra:
+                s.compared.append(result.extra["compare_dense"])
         s.results.append({"id": result.id, "finish_reason": result.finish_reason, "error": result.error,
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                           "decode_tok_s": round(result.decode_tok_s, 2)})
         self.obs.job_done(result)
 
-    def _fail(self, writer: ResultWriter, job_id: str, message: str, api: str = "sfi", **timing: float) -> None:
-        self._emit(writer, JobResult(id=job_id, text="", finish_reason="error", error=message, api=api,
-                                     model=self.summary.model, **timing))
+    def _error(self, job_id: str, message: str, api: str = "sfi") -> JobResult:
+        return JobResult(id=job_id, text="", finish_reason="error", error=message, api=api, model=self.summary.model)
+
+    def _fail(self, writer: ResultWriter, job_id: str, message: str, api: str = "sfi") -> None:
+        self._emit(writer, self._error(job_id, message, api))
 
     # -- preparation ----------------------------------------------------------------------------------
     def _prepare(self, job: Job, lm: LoadedModel) -> Prepared:
@@ -150,56 +195,82 @@ class Runner:
         return Prepared(job, prompt, params, stop, _row_seed(g.seed, job.id))
 
     # -- decoding -------------------------------------------------------------------------------------
-    def _decode_batch(self, lm: LoadedModel, batch: Sequence[Prepared], writer: ResultWriter) -> None:
+    def _runtime(self, lm: LoadedModel, n_rows: int, sfi: bool) -> SfiRuntime | None:
+        cfg = self.cfg.sfi
+        if not sfi or cfg.mode == "dense":
+            return None
+        boundary = make_boundary(cfg.boundary, lm.tokenizer, cooldown=cfg.cooldown, min_gap=cfg.min_gap,
+                                 max_interval=cfg.max_interval, fixed_period=cfg.fixed_period)
+        return SfiRuntime(cfg, boundary, n_rows, lm.args.kv_bytes_per_token(lm.model.dtype))
+
+    def _decode(self, lm: LoadedModel, batch: Sequence[Prepared], sfi: bool) -> Iterator[Decoded]:
+        """Decode one batch, yielding each job as it finishes; a batch out of memory is split and retried."""
         requests = [
             Request(prompt_ids=p.prompt.ids, sampler=RowSampler(p.params, p.seed),
                     stopper=StopChecker(lm.tokenizer, lm.eos_ids, p.stop, p.prompt.max_new_tokens))
             for p in batch
         ]
+        runtime = self._runtime(lm, len(batch), sfi)
         queue_s = [0.0] * len(batch)
         prefill_s = [0.0] * len(batch)
         decode_start = None
-        written = [False] * len(batch)
+        done = [False] * len(batch)
 
-        def finish(row: int) -> None:
+        def finish(row: int) -> Decoded:
             p, req = batch[row], requests[row]
             decode_s = time.perf_counter() - decode_start if decode_start is not None else 0.0
-            written[row] = True
-            self._emit(writer, JobResult(
+            done[row] = True
+            n = len(req.stopper.token_ids)
+            report = runtime.report(row) if runtime else dense_report(len(p.prompt.ids), n, lm, self.cfg.sfi)
+            extra = {"truncated_from": p.prompt.truncated_from} if p.prompt.truncated_from else {}
+            extra["sfi"] = report
+            return Decoded(p, req.stopper.token_ids, JobResult(
                 id=p.job.id, text=req.stopper.text(), finish_reason=req.stopper.finish_reason or "length",
-                prompt_tokens=len(p.prompt.ids), completion_tokens=len(req.stopper.token_ids),
+                prompt_tokens=len(p.prompt.ids), completion_tokens=n,
                 queue_s=queue_s[row], prefill_s=prefill_s[row], decode_s=decode_s, api=p.job.api,
-                model=self.summary.model, metadata=p.job.metadata,
-                extra={"truncated_from": p.prompt.truncated_from} if p.prompt.truncated_from else {}))
+                model=self.summary.model, metadata=p.job.metadata, extra=extra))
 
         try:
-            for event in generate(lm.model, requests, self.cfg.decode.prefill_chunk):
+            for event in generate(lm.model, requests, self.cfg.decode.prefill_chunk, runtime=runtime):
                 if isinstance(event, PrefillDone):
                     queue_s[event.row] = event.started - self.t0
                     prefill_s[event.row] = event.seconds
                     self.obs.tokens(1)
                     if event.finished:
-                        finish(event.row)
+                        yield finish(event.row)
                     continue
-                assert isinstance(event, StepDone)
                 if decode_start is None:
                     decode_start = time.perf_counter() - event.seconds
-                self.summary.decode_s += event.seconds
+                if sfi:  # the --compare pass is not part of the run's own throughput
+                    self.summary.decode_s += event.seconds
                 self.obs.tokens(len(event.rows))
                 for row in event.finished:
-                    finish(row)
+                    yield finish(row)
         except (torch.OutOfMemoryError, MemoryError):
-            left = [p for p, done in zip(batch, written, strict=True) if not done]
-            del requests
+            left = [p for p, d in zip(batch, done, strict=True) if not d]
+            del requests, runtime
             if lm.model.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(left) == 1:
-                self._fail(writer, left[0].job.id, "out of memory decoding this job alone", left[0].job.api)
+                yield Decoded(left[0], [], self._error(left[0].job.id, "out of memory decoding this job alone",
+                                                       left[0].job.api))
                 return
             half = len(left) // 2
             self.obs.message(f"out of memory with {len(left)} rows; retrying as {half} + {len(left) - half}")
-            self._decode_batch(lm, left[:half], writer)
-            self._decode_batch(lm, left[half:], writer)
+            yield from self._decode(lm, left[:half], sfi)
+            yield from self._decode(lm, left[half:], sfi)
+
+    def _decode_batch(self, lm: LoadedModel, batch: Sequence[Prepared], writer: ResultWriter) -> None:
+        if not self.opts.compare_dense:
+            for d in self._decode(lm, batch, sfi=True):
+                self._emit(writer, d.result)
+            return
+        ours = {d.prepared.job.id: d for d in self._decode(lm, batch, sfi=True)}
+        for dense in self._decode(lm, batch, sfi=False):
+            d = ours[dense.prepared.job.id]
+            if d.result.finish_reason != "error" and dense.result.finish_reason != "error":
+                d.result.extra["compare_dense"] = compare(d, dense)
+            self._emit(writer, d.result)
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self) -> RunSummary:

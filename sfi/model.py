@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfi_kernels import decode_attention
-
+from . import attention
 from .cache import KVCache
 from .errors import ModelError
 from .rope import apply_rope, inv_freq_for, rope_table
@@ -95,11 +94,17 @@ class ModelArgs:
 
 @dataclass
 class PrefillStep:
-    """One chunk of one row's prompt: tokens at positions [start, start + length) of cache row `row`."""
+    """One chunk of one row's prompt: tokens at positions [start, start + length) of cache row `row`.
+
+    With `bootstrap` (a runtime.Capture whose batch_index is the window W) the chunk's last W queries
+    capture their logits and `refresh` builds the row's first compact memory.
+    """
 
     row: int
     start: int
     length: int
+    bootstrap: Any = None
+    refresh: Any = None
 
 
 @dataclass
@@ -110,6 +115,7 @@ class DecodeStep:
     positions: torch.Tensor  # [B] int64, where the new token goes (= tokens already cached)
     kv_len: int  # host-side max(positions) + 1: how far into the cache any row reads
     whole_cache: bool  # rows == arange(cache batch): attention can read the cache without a gather
+    sparse: Any = None  # runtime.SparsePlan: per-row slow/fast decision; None = every row dense
 
 
 class RMSNorm(nn.Module):
@@ -161,6 +167,9 @@ class Attention(nn.Module):
             qpos = torch.arange(step.start, end, device=x.device)[:, None]
             mask = torch.arange(end, device=x.device)[None, :] <= qpos  # [T, end]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        if step.bootstrap is not None:
+            w = step.bootstrap.batch_index
+            attention.bootstrap(self.layer, q[0, :, -w:], cache, end, step.bootstrap, step.refresh, self.scale)
         return self.wo(out.transpose(1, 2).reshape(1, step.length, -1))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -170,10 +179,7 @@ class Attention(nn.Module):
         kc, vc = cache.k[self.layer], cache.v[self.layer]  # [Bc, Hkv, S, D]
         kc[step.rows, :, step.positions] = k[:, :, 0]
         vc[step.rows, :, step.positions] = v[:, :, 0]
-        keys, values = kc[:, :, : step.kv_len], vc[:, :, : step.kv_len]
-        if not step.whole_cache:
-            keys, values = keys[step.rows], values[step.rows]
-        out, _ = decode_attention(q[:, :, 0], keys, values, step.positions + 1, self.scale)  # [B, Hq, D]
+        out = attention.decode(self.layer, q[:, :, 0], cache, step, self.scale)  # [B, Hq, D]
         return self.wo(out.reshape(b, 1, -1))
 
 

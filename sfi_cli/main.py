@@ -14,7 +14,7 @@ import typer
 from sfi.config import available_recipes, load_config, recipes_dir, with_generation
 from sfi.errors import SfiError
 
-from .options import Device, Dtype, Model, OutputFormat, Quiet, Recipe, Report, Set, Truncate
+from .options import Compare, Device, Dtype, Model, OutputFormat, Quiet, Recipe, Report, Set, Truncate
 from .render import Reporter, write_report
 
 try:  # typer >= 0.2x vendors click; its usage errors derive from TyperException
@@ -51,6 +51,8 @@ def run_command(
     dtype: Dtype = None,
     truncate: Annotated[Truncate | None, typer.Option(help="Cut prompts longer than the context instead of "
                         "failing them: keep the end (left) or both ends (middle).", show_default=False)] = None,
+    compare: Annotated[Compare | None, typer.Option(help="Also decode every job with the dense recipe and add the "
+                       "measured speedup and token agreement to its line.", show_default=False)] = None,
     strict: Annotated[bool, typer.Option(help="Abort before loading the model if any line is bad.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start the output over instead of resuming.")] = False,
     report: Report = None,
@@ -65,7 +67,8 @@ def run_command(
                              top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) if stop else None)
     reporter = Reporter(quiet)
     opts = RunOptions(jobs=jobs, output=output, output_format=output_format.value, model=model, config=config,
-                      strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite)
+                      strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite,
+                      compare_dense=compare is not None)
     try:
         summary = Runner(opts, reporter).run()
     finally:

@@ -14,6 +14,10 @@ class OutputFormat(str, Enum):
     openai = "openai"
 
 
+class Compare(str, Enum):
+    dense = "dense"
+
+
 class Truncate(str, Enum):
     left = "left"
     middle = "middle"

@@ -1,0 +1,129 @@
+"""When a sequence takes a slow step: the sentence-boundary detector and its ablation alternatives.
+
+The ender set is derived from any tokenizer's vocabulary (never hard-coded ids): a token is an ender
+if its text, stripped of whitespace, is made only of sentence-ending marks, optionally followed by
+closing quotes or brackets. Policies are small frozen dataclasses with one method; each sequence's
+state is a separate `BoundaryState` the caller owns.
+
+Step numbering: the prefill (with its bootstrap refresh) is step 0; decode step i feeds the token
+sampled at step i - 1. `observe(state, token)` is called with the token sampled at step i - 1 and says
+whether step i is slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+ENDER_MARKS = frozenset(".?!。？！")
+CLOSERS = frozenset("\"')]}»”’」』】")
+
+
+def is_ender_text(text: str) -> bool:
+    body = text.strip()
+    if not body:
+        return False
+    end = len(body)
+    while end > 0 and body[end - 1] in CLOSERS:
+        end -= 1
+    marks = body[:end]
+    return bool(marks) and all(ch in ENDER_MARKS for ch in marks)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Token classes the detector needs, computed once per tokenizer."""
+
+    enders: frozenset[int]
+    blanks: frozenset[int]  # whitespace-only tokens (newlines included): never a sentence start
+
+
+def _decoded_vocab(tokenizer: Any) -> list[tuple[int, str]]:
+    size = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    return [(i, tokenizer.decode([i])) for i in range(size) if i not in special]
+
+
+@lru_cache(maxsize=8)
+def _vocabulary_for(tokenizer: Any) -> Vocabulary:
+    enders, blanks = set(), set()
+    for token_id, text in _decoded_vocab(tokenizer):
+        if is_ender_text(text):
+            enders.add(token_id)
+        elif text and not text.strip():
+            blanks.add(token_id)
+    return Vocabulary(frozenset(enders), frozenset(blanks))
+
+
+def vocabulary(tokenizer: Any) -> Vocabulary:
+    return _vocabulary_for(tokenizer)
+
+
+@dataclass
+class BoundaryState:
+    step: int = 0  # the step about to be decided (the prefill was step 0)
+    last_slow: int = 0  # the last slow step (the bootstrap counts)
+    armed: bool = False  # an ender was seen; waiting for the next sentence's first token
+    cooldown: int = 0
+
+
+class Boundary(Protocol):
+    def observe(self, state: BoundaryState, token: int) -> bool: ...
+
+
+def _advance(state: BoundaryState, slow: bool) -> bool:
+    state.step += 1
+    if slow:
+        state.last_slow = state.step
+    return slow
+
+
+@dataclass(frozen=True)
+class SentenceBoundary:
+    """Slow step on the first token of a new sentence; min_gap apart; forced after max_interval."""
+
+    vocab: Vocabulary
+    cooldown: int = 2
+    min_gap: int = 16
+    max_interval: int = 64
+
+    def observe(self, state: BoundaryState, token: int) -> bool:
+        step = state.step + 1
+        is_ender = token in self.vocab.enders
+        fire = False
+        if state.armed and not is_ender and token not in self.vocab.blanks:
+            state.armed = False  # consumed whether it fires or is dropped for min_gap
+            fire = step - state.last_slow >= self.min_gap
+        if state.cooldown == 0 and is_ender:
+            state.armed, state.cooldown = True, self.cooldown
+        elif state.cooldown > 0:
+            state.cooldown -= 1
+        return _advance(state, fire or step - state.last_slow >= self.max_interval)
+
+
+@dataclass(frozen=True)
+class FixedPeriod:
+    """Ablation: a slow step every `period` steps, whatever the text."""
+
+    period: int = 24
+
+    def observe(self, state: BoundaryState, token: int) -> bool:
+        return _advance(state, state.step + 1 - state.last_slow >= self.period)
+
+
+@dataclass(frozen=True)
+class NoBoundary:
+    """Ablation: only the bootstrap selection after prefill; never refreshed."""
+
+    def observe(self, state: BoundaryState, token: int) -> bool:
+        return _advance(state, False)
+
+
+def make_boundary(kind: str, tokenizer: Any, *, cooldown: int, min_gap: int, max_interval: int,
+                  fixed_period: int) -> Boundary:
+    if kind == "sentence":
+        return SentenceBoundary(vocabulary(tokenizer), cooldown, min_gap, max_interval)
+    if kind == "fixed":
+        return FixedPeriod(fixed_period)
+    return NoBoundary()

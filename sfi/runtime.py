@@ -1,0 +1,190 @@
+"""SFI's per-row bookkeeping during a batch: which kind of step each row takes, when its memory is
+refreshed, and what it cost. The model never sees this object, only the `SparsePlan` it builds.
+
+Step kinds: "slow" (dense over the whole cache, then the Selector refreshes the row's memory), "fast"
+(compact memory + recent span), "full" (the context still fits the budget sink + k_head + recent,
+so the step attends to everything, exactly as dense; it counts as a fast step).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .boundary import Boundary, BoundaryState
+from .config import SfiConfig
+from .memory import SparseMemory
+from .selector import SelectorParams, select, select_topk
+
+Refresh = Callable[[int, int, torch.Tensor], None]  # (layer, cache row, logits [Hq, R, N]) -> None
+
+
+@dataclass
+class Capture:
+    """A refresh to perform while a row's dense attention runs: capture logits over [lo, hi), then select."""
+
+    batch_index: int  # the row's index in the step's batch (decode) or query window size W (prefill)
+    row: int  # cache row
+    lo: int
+    hi: int
+
+
+@dataclass
+class SparsePlan:
+    """Per-step metadata for the attention dispatch (indices are into the step's batch)."""
+
+    dense_idx: torch.Tensor  # rows attending to their whole cache (slow and full)
+    fast_idx: torch.Tensor
+    compact_len: torch.Tensor  # [n_fast] valid rows of each fast row's compact memory
+    recent_start: torch.Tensor  # [n_fast] first cache position of each fast row's recent span
+    span: int  # host max of (cache length - recent_start) over the fast rows
+    captures: list[Capture]
+    memory: SparseMemory | None
+    refresh: Refresh
+
+
+@dataclass
+class RowStats:
+    slow: int = 0
+    fast: int = 0
+    slow_steps: list[int] = field(default_factory=list)  # step numbers of slow steps (0 = prefill)
+    attended: int = 0  # KV positions read, summed over steps (per layer and head)
+    context: int = 0  # KV positions a dense step would have read
+    fractions: list[float] = field(default_factory=list)
+    slow_seconds: list[float] = field(default_factory=list)  # decode steps only
+    all_seconds: float = 0.0
+
+
+class SfiRuntime:
+    def __init__(self, cfg: SfiConfig, boundary: Boundary, n_rows: int, kv_bytes_per_token: int) -> None:
+        self.cfg, self.boundary = cfg, boundary
+        # Rows whose context fits this attend to everything; -1 sends every row through the memory.
+        self.budget = cfg.sink + cfg.k_head + cfg.recent if cfg.dense_within_budget else -1
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.params = SelectorParams(
+            alpha=cfg.alpha, gamma=cfg.gamma, w_l2=cfg.w_l2, w_pos=cfg.w_pos, pos_p=cfg.pos_p, pos_eta=cfg.pos_eta,
+            pos_beta=cfg.pos_beta, lam_max_multi=cfg.lam_max_multi, lam_max_single=cfg.lam_max_single,
+            nms_radius=cfg.nms_radius, nms_strength=cfg.nms_strength, excl_temperature=cfg.excl_temperature,
+            excl_weight=cfg.excl_weight, use_power_mean=cfg.use_power_mean, use_prior=cfg.use_prior,
+            use_nms=cfg.use_nms, use_exclusivity=cfg.use_exclusivity)
+        self.selector = select if cfg.selector == "sfi" else select_topk
+        self.state = [BoundaryState() for _ in range(n_rows)]
+        self.pending = [False] * n_rows
+        self.has_memory = [False] * n_rows
+        self.recent_start = [0] * n_rows
+        self.compact_len = [0] * n_rows
+        self.stats = [RowStats() for _ in range(n_rows)]
+        self.memory: SparseMemory | None = None
+        self.cache = None
+
+    def needs_memory(self, max_tokens: Sequence[int]) -> bool:
+        return any(n > self.budget for n in max_tokens)
+
+    def attach(self, memory: SparseMemory | None, cache) -> None:
+        self.memory, self.cache = memory, cache
+
+    # -- refresh --------------------------------------------------------------------------------------
+    def _domain(self, row: int, length: int) -> Capture:
+        """Start a refresh of `row` whose cache holds `length` tokens: fix its recent span and compact length."""
+        cfg = self.cfg
+        lo = min(cfg.sink, length)
+        hi = max(lo, length - cfg.recent)
+        self.recent_start[row] = hi
+        self.compact_len[row] = lo + min(cfg.k_head, hi - lo)
+        self.has_memory[row] = True
+        return Capture(0, row, lo, hi)
+
+    def refresh(self, layer: int, row: int, z: torch.Tensor) -> None:
+        """Select from captured logits z [Hq, R, N] (over the row's domain) and rewrite its compact memory."""
+        cache, memory = self.cache, self.memory
+        hkv = cache.k.shape[2]
+        hq, r, n = z.shape
+        lo = self.cfg.sink
+        if n == 0:  # nothing between the sink and the recent span yet
+            picks = torch.empty(hkv, 0, dtype=torch.long, device=z.device)
+        else:
+            zg = z.reshape(hkv, (hq // hkv) * r, n)  # query heads h*G..h*G+G-1 share KV head h
+            norms = cache.k[layer, row, :, lo:lo + n].float().norm(dim=-1)  # [Hkv, N]
+            picks = self.selector(zg, norms, self.cfg.k_head, self.params)
+        memory.write(layer, row, cache, lo, picks)
+
+    def bootstrap(self, row: int, prompt_len: int) -> Capture | None:
+        """After prefill: refresh from the last W prompt queries if the prompt exceeds the budget."""
+        self.stats[row].slow += 1
+        self.stats[row].slow_steps.append(0)
+        self.stats[row].attended += prompt_len
+        self.stats[row].context += prompt_len
+        self.stats[row].fractions.append(1.0)
+        if self.memory is None or prompt_len <= self.budget:
+            return None
+        capture = self._domain(row, prompt_len)
+        capture.batch_index = min(self.cfg.bootstrap_window, prompt_len)
+        return capture
+
+    # -- per step -------------------------------------------------------------------------------------
+    def plan(self, active: Sequence[int], lengths: Sequence[int], device: torch.device) -> tuple[list[str], SparsePlan]:
+        kinds, captures, dense, fast = [], [], [], []
+        for i, row in enumerate(active):
+            length = lengths[row] + 1  # this step's token is written before attention
+            if length <= self.budget:
+                kind = "full"
+            elif self.pending[row] or not self.has_memory[row]:
+                kind = "slow"
+                capture = self._domain(row, length)
+                capture.batch_index = i
+                captures.append(capture)
+            else:
+                kind = "fast"
+            (fast if kind == "fast" else dense).append(i)
+            kinds.append(kind)
+        fast_rows = [active[i] for i in fast]
+        span = max((lengths[r] + 1 - self.recent_start[r] for r in fast_rows), default=0)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        plan = SparsePlan(
+            dense_idx=as_long(dense), fast_idx=as_long(fast),
+            compact_len=as_long([self.compact_len[r] for r in fast_rows]),
+            recent_start=as_long([self.recent_start[r] for r in fast_rows]),
+            span=span, captures=captures, memory=self.memory, refresh=self.refresh)
+        return kinds, plan
+
+    def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float) -> None:
+        """Account one finished step (before `lengths` advance)."""
+        for row, kind in zip(active, kinds, strict=True):
+            s, length = self.stats[row], lengths[row] + 1
+            attended = length if kind != "fast" else self.compact_len[row] + length - self.recent_start[row]
+            s.attended += attended
+            s.context += length
+            s.fractions.append(attended / length)
+            s.all_seconds += seconds
+            if kind == "slow":
+                s.slow += 1
+                s.slow_steps.append(self.state[row].step)
+                s.slow_seconds.append(seconds)
+            else:
+                s.fast += 1
+
+    def observe(self, row: int, token: int) -> None:
+        self.pending[row] = self.boundary.observe(self.state[row], token)
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def report(self, row: int) -> dict:
+        s = self.stats[row]
+        steps = s.slow + s.fast
+        gaps = [b - a for a, b in zip(s.slow_steps, s.slow_steps[1:], strict=False)]
+        decode_steps = steps - 1  # the first token came from the prefill
+        estimate = None
+        if s.slow_seconds and s.all_seconds > 0 and decode_steps > 0:
+            # A slow step is a dense step plus a refresh, so its time prices (a little above) the dense
+            # alternative; the row's measured decode time is the SFI side.
+            estimate = round(decode_steps * statistics.median(s.slow_seconds) / s.all_seconds, 3)
+        return {
+            "slow_steps": s.slow, "fast_steps": s.fast,
+            "mean_interval": round(statistics.mean(gaps), 2) if gaps else None,
+            "attended_fraction": round(statistics.mean(s.fractions), 4) if s.fractions else None,
+            "kv_bytes_read": s.attended * self.kv_bytes_per_token,
+            "kv_bytes_dense": s.context * self.kv_bytes_per_token,
+            "estimated_speedup": estimate,
+        }
