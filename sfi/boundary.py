@@ -5,6 +5,11 @@ if its text, stripped of whitespace, is made only of sentence-ending marks, opti
 closing quotes or brackets. Policies are small frozen dataclasses with one method; each sequence's
 state is a separate `BoundaryState` the caller owns.
 
+**ours**, beyond the spec: a token only starts a sentence if it begins with whitespace, follows a
+whitespace-only token, or follows an ender that needs no space after it (CJK marks, or an ender token
+whose text already ends in whitespace such as ".\n"). Byte-level vocabularies split "3.50" and "e.g."
+into separate "." tokens, and without this rule the digit or letter after them would fire.
+
 Step numbering: the prefill (with its bootstrap refresh) is step 0; decode step i feeds the token
 sampled at step i - 1. `observe(state, token)` is called with the token sampled at step i - 1 and says
 whether step i is slow.
@@ -17,6 +22,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 ENDER_MARKS = frozenset(".?!。？！")
+CJK_MARKS = frozenset("。？！")
 CLOSERS = frozenset("\"')]}»”’」』】")
 
 
@@ -37,6 +43,8 @@ class Vocabulary:
 
     enders: frozenset[int]
     blanks: frozenset[int]  # whitespace-only tokens (newlines included): never a sentence start
+    spaced: frozenset[int]  # tokens whose text begins with whitespace
+    open_enders: frozenset[int]  # enders after which the next sentence needs no leading space
 
 
 def _decoded_vocab(tokenizer: Any) -> list[tuple[int, str]]:
@@ -47,13 +55,17 @@ def _decoded_vocab(tokenizer: Any) -> list[tuple[int, str]]:
 
 @lru_cache(maxsize=8)
 def _vocabulary_for(tokenizer: Any) -> Vocabulary:
-    enders, blanks = set(), set()
+    enders, blanks, spaced, open_enders = set(), set(), set(), set()
     for token_id, text in _decoded_vocab(tokenizer):
         if is_ender_text(text):
             enders.add(token_id)
+            if text[-1].isspace() or any(ch in CJK_MARKS for ch in text):
+                open_enders.add(token_id)
         elif text and not text.strip():
             blanks.add(token_id)
-    return Vocabulary(frozenset(enders), frozenset(blanks))
+        if text[:1].isspace():
+            spaced.add(token_id)
+    return Vocabulary(frozenset(enders), frozenset(blanks), frozenset(spaced), frozenset(open_enders))
 
 
 def vocabulary(tokenizer: Any) -> Vocabulary:
@@ -65,6 +77,7 @@ class BoundaryState:
     step: int = 0  # the step about to be decided (the prefill was step 0)
     last_slow: int = 0  # the last slow step (the bootstrap counts)
     armed: bool = False  # an ender was seen; waiting for the next sentence's first token
+    open: bool = False  # armed, and the next token needs no leading whitespace to start a sentence
     cooldown: int = 0
 
 
@@ -90,13 +103,17 @@ class SentenceBoundary:
 
     def observe(self, state: BoundaryState, token: int) -> bool:
         step = state.step + 1
-        is_ender = token in self.vocab.enders
+        v = self.vocab
+        is_ender, is_blank = token in v.enders, token in v.blanks
         fire = False
-        if state.armed and not is_ender and token not in self.vocab.blanks:
-            state.armed = False  # consumed whether it fires or is dropped for min_gap
-            fire = step - state.last_slow >= self.min_gap
+        if state.armed and is_blank:
+            state.open = True
+        elif state.armed and not is_ender:
+            if state.open or token in v.spaced:
+                fire = step - state.last_slow >= self.min_gap  # dropped when too close to the last one
+            state.armed = False  # consumed whether it fired, was dropped, or was no sentence start ("3.5")
         if state.cooldown == 0 and is_ender:
-            state.armed, state.cooldown = True, self.cooldown
+            state.armed, state.open, state.cooldown = True, token in v.open_enders, self.cooldown
         elif state.cooldown > 0:
             state.cooldown -= 1
         return _advance(state, fire or step - state.last_slow >= self.max_interval)
