@@ -31,11 +31,21 @@ class Request:
 
 
 @dataclass
+class Prefilled:
+    """A row already prefilled (by `prefill_capture`): its last logits and, per layer, the last W
+    queries' logits over every prompt position, from which any recipe's bootstrap can be cut."""
+
+    logits: torch.Tensor  # [V]
+    window_logits: list[torch.Tensor]  # per layer [Hq, W, T], -inf where a query cannot see
+
+
+@dataclass
 class PrefillDone:
     row: int
     started: float  # perf_counter at the row's prefill start
     seconds: float
     finished: bool  # the first token already ended the row (eos, or max_new_tokens == 1)
+    logprob: float | None = None  # with forced tokens: log p of the first forced token
 
 
 @dataclass
@@ -46,6 +56,7 @@ class StepDone:
     finished: list[int]  # rows that stopped at this step
     seconds: float
     kinds: list[str] | None = None  # per row: "slow", "fast" or "full" (None: every row dense)
+    logprobs: list[float] | None = None  # with forced tokens: log p of each row's forced token
 
 
 def chunk_starts(length: int, chunk: int, last_at_least: int = 1) -> list[int]:
@@ -76,9 +87,29 @@ def cache_length(requests: Sequence[Request]) -> int:
     return max(len(r.prompt_ids) + r.stopper.max_new_tokens - 1 for r in requests)
 
 
+def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[int], chunk: int,
+                    window: int) -> Prefilled:
+    """Prefill one row and keep what every recipe's bootstrap needs (see `Prefilled`)."""
+    captured: list[torch.Tensor] = []
+    capture = Capture(min(window, len(ids)), row, 0, len(ids))
+    logits = prefill_row(model, cache, row, torch.tensor(list(ids), device=model.device), chunk, capture,
+                         lambda layer, r, z: captured.append(z))
+    return Prefilled(logits, captured)
+
+
+def _logprob(logits: torch.Tensor, token: int) -> float:
+    return float(torch.log_softmax(logits.float(), dim=-1)[token])
+
+
 def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int = 2048,
-             cache: KVCache | None = None, runtime: SfiRuntime | None = None) -> Iterator[PrefillDone | StepDone]:
-    """Decode `requests` as one batch; each row's tokens accumulate in its StopChecker."""
+             cache: KVCache | None = None, runtime: SfiRuntime | None = None,
+             prefilled: Sequence[Prefilled] | None = None,
+             forced: Sequence[Sequence[int]] | None = None) -> Iterator[PrefillDone | StepDone]:
+    """Decode `requests` as one batch; each row's tokens accumulate in its StopChecker.
+
+    `prefilled` (with `cache`) skips the prompt forward passes; `forced` feeds given tokens instead of
+    sampling (teacher forcing) and reports their log-probabilities.
+    """
     device = model.device
     cache = cache or model.new_cache(len(requests), cache_length(requests))
     if runtime is not None:
@@ -92,15 +123,21 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
     last = [0] * len(requests)
     for row, req in enumerate(requests):
         started = time.perf_counter()
-        ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
-        boot = runtime.bootstrap(row, len(ids)) if runtime is not None else None
-        logits = prefill_row(model, cache, row, ids, prefill_chunk, boot, runtime.refresh if runtime else None)
-        token = int(sample(logits[None], [req.sampler])[0])
+        boot = runtime.bootstrap(row, len(req.prompt_ids)) if runtime is not None else None
+        if prefilled is not None:
+            logits = prefilled[row].logits
+            for layer, z in enumerate(prefilled[row].window_logits if boot else []):
+                runtime.refresh(layer, row, z[:, -boot.batch_index:, boot.lo:boot.hi])
+        else:
+            ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
+            logits = prefill_row(model, cache, row, ids, prefill_chunk, boot, runtime.refresh if runtime else None)
+        token = forced[row][0] if forced else int(sample(logits[None], [req.sampler])[0])
         lengths[row], last[row] = len(req.prompt_ids), token
         done = req.stopper.feed(token)
         if runtime is not None:
             runtime.observe(row, token)
-        yield PrefillDone(row, started, time.perf_counter() - started, done)
+        yield PrefillDone(row, started, time.perf_counter() - started, done,
+                          _logprob(logits, token) if forced else None)
 
     step = 0
     active = [row for row, req in enumerate(requests) if not req.stopper.finished]
@@ -113,7 +150,12 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
                           whole_cache=len(active) == cache.batch, sparse=sparse)
         tokens_in = torch.tensor([last[r] for r in active], dtype=torch.long, device=device)
         logits = model.decode(tokens_in, cache, plan)
-        tokens = sample(logits, [requests[r].sampler for r in active]).tolist()
+        logprobs = None
+        if forced:
+            tokens = [forced[r][len(requests[r].stopper.token_ids)] for r in active]
+            logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(active)), tokens].tolist()
+        else:
+            tokens = sample(logits, [requests[r].sampler for r in active]).tolist()
         seconds = time.perf_counter() - started
         if runtime is not None:
             runtime.record(active, kinds, lengths, seconds)
@@ -125,6 +167,6 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
                 finished.append(row)
             elif runtime is not None:
                 runtime.observe(row, token)
-        yield StepDone(step, list(active), tokens, finished, seconds, kinds)
+        yield StepDone(step, list(active), tokens, finished, seconds, kinds, logprobs)
         step += 1
         active = [r for r in active if not requests[r].stopper.finished]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -77,6 +78,48 @@ def run_command(
     if report is not None:
         write_report(report, summary)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command("eval")
+def eval_command(
+    model: Model = None,
+    recipe: Annotated[list[str] | None, typer.Option("--recipe", "-r", help="Recipe to compare, repeatable; "
+                      "NAME or NAME:section.key=value,... for an ablation [default: dense and default].",
+                      show_default=False)] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey, multikey, vartrack, nll.")]
+    = "passkey,multikey,vartrack,nll",
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens; 2k = 2048.")] = "2k,4k",
+    trials: Annotated[int, typer.Option(min=1, help="Trials per task and length.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the generated tasks.")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Trials decoded together.")] = 4,
+    device: Device = None,
+    dtype: Dtype = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.",
+                                                  show_default=False)] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Measure recipes side by side on generated long-context tasks (offline, seeded)."""
+    from sfi.eval import TASKS, evaluate, parse_lengths
+    from sfi.loader import load_model
+
+    from .render import eval_table, write_json
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_list if t not in TASKS]
+    if unknown:
+        raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}",
+                                 param_hint="--tasks")
+    reporter = Reporter(quiet)
+    lm = load_model(model, device or "auto", dtype or "auto", progress=reporter.message)
+    reporter.message(f"model {lm.name} on {lm.model.device}, loaded in {lm.load_s:.1f}s")
+    cells = evaluate(lm, recipe or ["dense", "default"], task_list, parse_lengths(lengths), trials, seed=seed,
+                     batch=batch, progress=reporter.message)
+    rows = [c.summary() for c in cells]
+    if json_out is not None:
+        write_json(json_out, {"model": lm.name, "device": str(lm.model.device), "trials": trials, "seed": seed,
+                              "cells": rows})
+    if not quiet:
+        eval_table(rows, reporter.console)
 
 
 @app.command("recipes")

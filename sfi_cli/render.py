@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ class Reporter:
                      + (f", {s.invalid_lines} bad line(s)" if s.invalid_lines else "")),
             ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
             ("decode", f"{s.decode_tok_s:,.1f} tok/s over {s.decode_s:.1f}s"),
+            ("sfi", _sfi_line(s)),
             ("elapsed", f"{s.elapsed_s:.1f}s" + ("  (interrupted)" if s.interrupted else "")),
         ]
         if self.tty:
@@ -97,6 +99,55 @@ class Reporter:
                 print(f"sfi: {key}: {value}", file=self.console.file, flush=True)
 
 
+def _sfi_line(s: RunSummary) -> str:
+    steps = s.slow_steps + s.fast_steps
+    if not steps:
+        return "-"
+    line = (f"{s.slow_steps:,} slow / {s.fast_steps:,} fast steps; KV read "
+            f"{s.kv_bytes_read / max(s.kv_bytes_dense, 1):.1%} of dense")
+    speedups = [c["speedup"] for c in s.compared if c.get("speedup")]
+    if s.compared:
+        same = sum(c["identical"] for c in s.compared)
+        agree = sum(c["token_agreement"] for c in s.compared) / len(s.compared)
+        line += f"; vs dense: {same}/{len(s.compared)} identical, agreement {agree:.1%}"
+        if speedups:
+            line += f", decode speedup {statistics.median(speedups):.2f}x (median)"
+    return line
+
+
+def eval_table(rows: list[dict], console: Console) -> None:
+    """Recipes down, task@length across: accuracy (correct/trials) or NLL, then the cost columns."""
+    columns = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (c[0], c[1]))
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    table = Table(title="sfi eval", title_justify="left")
+    table.add_column("recipe")
+    for task, length in columns:
+        table.add_column(f"{task}\n{length}", justify="right")
+    table.add_column("attended", justify="right")
+    table.add_column("slow", justify="right")
+    for recipe in recipes:
+        mine = {(r["task"], r["length"]): r for r in rows if r["recipe"] == recipe}
+        cells = []
+        for key in columns:
+            r = mine[key]
+            cells.append(f"{r['nll']:.4f}" if r["task"] == "nll" else f"{r['correct']}/{r['trials']}")
+        attended = [r["attended_fraction"] for r in mine.values() if r["attended_fraction"] is not None]
+        slow = [r["slow_fraction"] for r in mine.values() if r["slow_fraction"] is not None]
+        table.add_row(recipe, *cells, f"{sum(attended) / len(attended):.1%}" if attended else "-",
+                      f"{sum(slow) / len(slow):.1%}" if slow else "-")
+    console.print(table)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A JSON file, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def write_report(path: Path, summary: RunSummary) -> None:
     """The JSON report, written whole or not at all."""
     data = {
@@ -107,10 +158,7 @@ def write_report(path: Path, summary: RunSummary) -> None:
         "timing": {"load_s": round(summary.load_s, 3), "elapsed_s": round(summary.elapsed_s, 3),
                    "decode_s": round(summary.decode_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2)},
         "interrupted": summary.interrupted, "config": summary.config, "results": summary.results,
+        "sfi": {"slow_steps": summary.slow_steps, "fast_steps": summary.fast_steps,
+                "kv_bytes_read": summary.kv_bytes_read, "kv_bytes_dense": summary.kv_bytes_dense},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, data)
