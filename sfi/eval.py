@@ -77,11 +77,15 @@ def _haystack(tokenizer: Any, n_tokens: int, rng: random.Random, needles: Sequen
     sentences = _prose_sentences(rng.randrange(1 << 30))
     start = rng.randrange(len(sentences) // 2)
     picked, count = [], 0
+    count = sum(len(tokenizer(n, add_special_tokens=False)["input_ids"]) + 1 for _, n in needles)
     for s in sentences[start:] + sentences[:start]:
-        if count >= n_tokens:
-            break
+        size = len(tokenizer(s, add_special_tokens=False)["input_ids"])
+        if count + size > n_tokens:
+            if count >= 0.9 * n_tokens:
+                break
+            continue  # a long sentence would overshoot: try the next, shorter ones
         picked.append(s)
-        count += len(tokenizer(s, add_special_tokens=False)["input_ids"])
+        count += size
     for depth, needle in sorted(needles, reverse=True):
         picked.insert(round(depth * len(picked)), needle + " ")
     return "".join(picked)
@@ -100,7 +104,8 @@ def _number(rng: random.Random) -> str:
 def build_trial(task: str, tokenizer: Any, length: int, seed: int) -> Trial:
     """One seeded trial whose prompt is about `length` tokens."""
     rng = random.Random(f"{task}:{length}:{seed}")
-    room = length - 80  # the question and the chat template
+    room = length - len(_chat(tokenizer, "\n\nWhat is the special magic number for juniper? Answer with the "
+                                         "number only.")) - 8  # the question and the chat template
     if task == "passkey":
         key = _number(rng)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."

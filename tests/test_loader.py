@@ -101,8 +101,9 @@ def test_missing_weights_are_reported(qwen2_dir, tmp_path):
 
 
 def test_repo_id_not_in_cache_fails_fast_with_instructions(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelError, match="hf download Qwen/Qwen3-4B"):
         resolve_model_dir("Qwen/Qwen3-4B")
 
@@ -110,3 +111,21 @@ def test_repo_id_not_in_cache_fails_fast_with_instructions(tmp_path, monkeypatch
 def test_nonexistent_path_is_not_mistaken_for_a_repo_id():
     with pytest.raises(ModelError, match="neither a directory"):
         resolve_model_dir("./no/such/model")
+
+
+def test_repo_id_resolves_from_a_populated_hf_cache(qwen2_dir, tmp_path, monkeypatch):
+    """A repo id found in the local Hugging Face cache layout loads without any network."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-qwen2" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in qwen2_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (cache / "models--acme--tiny-qwen2" / "refs").mkdir()
+    (cache / "models--acme--tiny-qwen2" / "refs" / "main").write_text("0123abcd")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import, not per call
+    name, folder = resolve_model_dir("acme/tiny-qwen2")
+    assert name == "acme/tiny-qwen2" and folder == snapshot
+    torch.testing.assert_close(_logits(load_model("acme/tiny-qwen2", device="cpu")),
+                               _logits(load_model(str(qwen2_dir), device="cpu")))
