@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sfi_kernels import decode_attention
+from sfi_kernels import decode_attention, ranged_decode_attention
 
 from .cache import KVCache
 
@@ -40,6 +40,8 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     """q [B, Hq, D] for the rows of `step` (a model.DecodeStep) -> attention output [B, Hq, D]."""
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
     plan = step.sparse
+    if q.is_cuda:
+        return _decode_ranged(layer, q, cache, step, scale)
     if plan is None:
         keys, values = kc[:, :, : step.kv_len], vc[:, :, : step.kv_len]
         if not step.whole_cache:
@@ -62,6 +64,22 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
         out[plan.fast_idx] = merge(o1, l1, o2, l2)
     for c in plan.captures:
         z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)  # [Hq, 1, N]
+        plan.refresh(layer, c.row, z)
+    return out
+
+
+def _decode_ranged(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
+    """GPU path: every row in one ranged-kernel launch (dense rows read an empty compact range and their
+    whole cache), then the slow rows' captures."""
+    kc, vc = cache.k[layer], cache.v[layer]
+    plan = step.sparse
+    mem_k, mem_v = (plan.memory.k[layer], plan.memory.v[layer]) if plan is not None and plan.memory else (kc, vc)
+    rows, clen, start, span, max_keys = step.ranges
+    if plan is not None and plan.fast_idx.numel():
+        max_keys = max(max_keys, plan.span + int(plan.memory.k.shape[3]))
+    out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys)
+    for c in plan.captures if plan is not None else ():
+        z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)
         plan.refresh(layer, c.row, z)
     return out
 

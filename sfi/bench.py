@@ -8,18 +8,25 @@ steps only, once every row is decoding (prefill excluded), as ../shared/bench-pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .decoder import prefill_row
+from .boundary import FixedPeriod
+from .config import SfiConfig
+from .decoder import Request, StepDone, generate
 from .loader import build_model
-from .model import DecodeStep, ModelArgs, Transformer
+from .model import ModelArgs, Transformer
+from .runtime import SfiRuntime
+from .sampling import RowSampler, SamplingParams
+from .stopping import StopChecker
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen3-4B's published config.json (architecture only).
@@ -84,29 +91,53 @@ def measure_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return 2 * a.numel() * a.element_size() / statistics.median(times)
 
 
-def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, seed: int = 0) -> dict[str, float]:
-    """Dense decode in our runtime: per-step wall times after a synchronising prefill of every row."""
-    device = model.device
+def _requests(model: Transformer, ctx: int, batch: int, new_tokens: int, seed: int) -> list[Request]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    prompts = torch.randint(0, model.args.vocab_size, (batch, ctx), generator=gen).to(device)
-    cache = model.new_cache(batch, ctx + new_tokens)
+    prompts = torch.randint(0, model.args.vocab_size, (batch, ctx), generator=gen)
+    return [Request(p.tolist(), RowSampler(SamplingParams(), 0), StopChecker(None, (), (), new_tokens))
+            for p in prompts]
+
+
+def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: SfiConfig | None = None,
+               period: int = 24, seed: int = 0, warmup_steps: int = 5) -> dict[str, Any]:
+    """Our decoder on random prompts; `sfi` None is the dense recipe. With SFI, random weights produce no
+    sentences, so a slow step fires every `period` tokens per row, rows staggered (bench-protocol.md)."""
+    device = model.device
+    requests = _requests(model, ctx, batch, new_tokens, seed)
+    runtime = None
+    if sfi is not None:
+        runtime = SfiRuntime(sfi, FixedPeriod(period), batch, model.args.kv_bytes_per_token(model.dtype))
+        for row, state in enumerate(runtime.state):
+            state.last_slow = -(row * period // batch)
     _sync(device)
     t0 = time.perf_counter()
-    tokens = torch.stack([prefill_row(model, cache, row, prompts[row], 4096).argmax() for row in range(batch)])
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-    rows = torch.arange(batch, device=device)
-    steps = []
-    for i in range(new_tokens):
-        positions = torch.full((batch,), ctx + i, dtype=torch.long, device=device)
-        step = DecodeStep(rows=rows, positions=positions, kv_len=ctx + i + 1, whole_cache=True)
-        s = time.perf_counter()
-        tokens = model.decode(tokens, cache, step).argmax(-1)
-        _sync(device)
-        steps.append(time.perf_counter() - s)
-    steps = steps[3:]  # the first steps include one-time kernel selection
-    return {"tok_s": batch * len(steps) / sum(steps), "step_ms_p50": 1e3 * statistics.median(steps),
-            "step_ms_p90": 1e3 * sorted(steps)[int(0.9 * (len(steps) - 1))], "prefill_s": prefill_s}
+    steps, prefill_s, kinds = [], 0.0, []
+    for event in generate(model, requests, prefill_chunk=4096, runtime=runtime):
+        if isinstance(event, StepDone):
+            _sync(device)
+            steps.append((len(event.rows), event.seconds))
+            kinds += event.kinds or ["slow"] * len(event.rows)
+        else:
+            prefill_s += event.seconds
+    total_s = time.perf_counter() - t0
+    timed = steps[warmup_steps:]  # the first steps compile kernels
+    seconds = [t for _, t in timed]
+    result = {"tok_s": sum(n for n, _ in timed) / sum(seconds), "step_ms_p50": 1e3 * statistics.median(seconds),
+              "step_ms_p90": 1e3 * sorted(seconds)[int(0.9 * (len(seconds) - 1))], "prefill_s": prefill_s,
+              "end_to_end_s": total_s, "slow_fraction": kinds.count("slow") / max(len(kinds), 1)}
+    if runtime is not None:
+        reports = [runtime.report(r) for r in range(batch)]
+        result["attended_fraction"] = statistics.mean(r["attended_fraction"] for r in reports)
+        result["kv_bytes_per_token"] = sum(r["kv_bytes_read"] for r in reports) / sum(
+            r["slow_steps"] + r["fast_steps"] for r in reports)
+        result["mean_interval"] = statistics.mean(r["mean_interval"] or 0 for r in reports)
+    return result
+
+
+def roofline(model: Transformer, kv_bytes_per_row_step: float, batch: int, bandwidth: float) -> float:
+    """tok/s if a step only had to stream the weights once and each row's KV once, at `bandwidth` B/s."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return batch * bandwidth / (weights + batch * kv_bytes_per_row_step)
 
 
 def bench_hf(preset: str, ctx: int, batch: int, new_tokens: int, device: torch.device, dtype: torch.dtype,
@@ -171,45 +202,81 @@ def _hf_view(name: str, ours: dict[str, torch.Tensor], args: ModelArgs, hd: int)
     return ours[key] if rows is None else ours[key][rows]
 
 
+def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_tokens: int, sfi: SfiConfig,
+              hf: bool = True, progress=None) -> dict[str, Any]:
+    """Every (context, batch): SFI, dense and (optionally) transformers.generate, with the roofline."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth = measure_copy_bandwidth(device)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "preset": preset,
+        "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens, "torch": torch.__version__,
+        "copy_bandwidth_GBps": bandwidth / 1e9, "sfi": dataclasses.asdict(sfi),
+        "parity": check_parity(preset, device, dtype), "runs": []}
+    say = progress or (lambda text: None)
+    say(json.dumps({k: report[k] for k in ("device", "copy_bandwidth_GBps", "parity")}))
+    for ctx in ctxs:
+        model = random_model(preset, ctx, device, dtype)
+        bpt = model.args.kv_bytes_per_token(dtype)
+        for batch in batches:
+            row: dict[str, Any] = {"ctx": ctx, "batch": batch}
+            try:
+                row["dense"] = bench_ours(model, ctx, batch, new_tokens)
+                row["sfi"] = bench_ours(model, ctx, batch, new_tokens, sfi)
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+                say(json.dumps(row))
+                report["runs"].append(row)
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if bandwidth:
+                mid = ctx + new_tokens / 2
+                row["dense"]["roofline_tok_s"] = roofline(model, mid * bpt, batch, bandwidth)
+                row["sfi"]["roofline_tok_s"] = roofline(model, row["sfi"]["kv_bytes_per_token"], batch, bandwidth)
+                for kind in ("dense", "sfi"):
+                    row[kind]["pct_roofline"] = 100 * row[kind]["tok_s"] / row[kind]["roofline_tok_s"]
+            row["sfi_over_dense"] = row["sfi"]["tok_s"] / row["dense"]["tok_s"]
+            say(json.dumps(row))
+            report["runs"].append(row)
+        del model
+        if hf:
+            _bench_hf_rows(preset, ctx, [r for r in report["runs"] if r["ctx"] == ctx and "error" not in r],
+                           new_tokens, device, dtype, say)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
+def _bench_hf_rows(preset, ctx, rows, new_tokens, device, dtype, say) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if not rows:
+        return
+    hf = AutoModelForCausalLM.from_config(hf_config(preset, ctx), dtype=dtype, attn_implementation="sdpa")
+    hf = hf.to(device).eval()
+    for row in rows:
+        try:
+            row["hf_generate"] = bench_hf(preset, ctx, row["batch"], new_tokens, device, dtype, hf)
+            row["sfi_over_hf"] = row["sfi"]["tok_s"] / row["hf_generate"]["tok_s"]
+        except torch.OutOfMemoryError:
+            row["hf_generate"] = {"error": "out of memory"}
+        say(json.dumps(row))
+    del hf
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="qwen3-4b", choices=sorted(PRESETS))
     ap.add_argument("--ctx", type=int, nargs="+", default=[8192])
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--hf", action="store_true", help="also time transformers.generate")
+    ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "preset": a.preset, "dtype": str(dtype), "new_tokens": a.new_tokens,
-                              "torch": torch.__version__, "copy_bw_GBps": measure_copy_bandwidth(device) / 1e9}
-    report["parity"] = check_parity(a.preset, device, dtype)
-    print(json.dumps(report), file=sys.stderr, flush=True)
-    runs = []
-    for ctx in a.ctx:
-        model = random_model(a.preset, ctx, device, dtype)
-        for batch in a.batch:
-            row = {"ctx": ctx, "batch": batch, "sfi_dense": bench_ours(model, ctx, batch, a.new_tokens)}
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            runs.append(row)
-        del model
-        if a.hf:
-            hf = None
-            for row in (r for r in runs if r["ctx"] == ctx):
-                if hf is None:
-                    from transformers import AutoModelForCausalLM
-
-                    hf = AutoModelForCausalLM.from_config(hf_config(a.preset, ctx), dtype=dtype,
-                                                          attn_implementation="sdpa").to(device).eval()
-                row["hf_generate"] = bench_hf(a.preset, ctx, row["batch"], a.new_tokens, device, dtype, hf)
-                row["speedup_vs_hf"] = row["sfi_dense"]["tok_s"] / row["hf_generate"]["tok_s"]
-                print(json.dumps(row), file=sys.stderr, flush=True)
-            del hf
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    report["runs"] = runs
+    report = run_bench(a.preset, a.ctx, a.batch, a.new_tokens, SfiConfig(), hf=not a.no_hf,
+                       progress=lambda text: print(text, file=sys.stderr, flush=True))
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:

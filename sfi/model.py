@@ -8,6 +8,7 @@ later the decode step's metadata carries a per-row slow/fast plan.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,20 @@ class DecodeStep:
     kv_len: int  # host-side max(positions) + 1: how far into the cache any row reads
     whole_cache: bool  # rows == arange(cache batch): attention can read the cache without a gather
     sparse: Any = None  # runtime.SparsePlan: per-row slow/fast decision; None = every row dense
+
+    @functools.cached_property
+    def ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Per-row key ranges for the ranged kernel, built once per step and shared by all layers:
+        (rows, compact_len, span_start, span_len) int32 [B] and the host max of compact_len + span_len."""
+        length = self.positions + 1
+        clen, start = torch.zeros_like(length), torch.zeros_like(length)
+        max_keys = self.kv_len
+        plan = self.sparse
+        if plan is not None and plan.fast_idx.numel():
+            clen[plan.fast_idx] = plan.compact_len
+            start[plan.fast_idx] = plan.recent_start
+        as32 = lambda t: t.to(torch.int32)  # noqa: E731
+        return as32(self.rows), as32(clen), as32(start), as32(length - start), max_keys
 
 
 class RMSNorm(nn.Module):

@@ -122,6 +122,52 @@ def eval_command(
         eval_table(rows, reporter.console)
 
 
+def _contexts(text: str) -> list[int]:
+    try:
+        return [int(float(p.strip().lower().rstrip("k")) * (1024 if p.strip().lower().endswith("k") else 1))
+                for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use a comma-separated list like 8k,32k,128k") from None
+
+
+@app.command("bench")
+def bench_command(
+    ctx: Annotated[str, typer.Option(help="Context lengths, e.g. 8k,32k,128k (k = 1024).")] = "8k",
+    batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,4.")] = "1",
+    preset: Annotated[str, typer.Option(help="Built-in architecture with seeded random weights "
+                                              "(qwen3-4b, qwen3-tiny).")] = "qwen3-4b",
+    new_tokens: Annotated[int, typer.Option(min=8, help="Tokens decoded per row.")] = 256,
+    recipe: Recipe = "default",
+    set_: Set = None,
+    hf: Annotated[bool, typer.Option(help="Also time transformers.generate (SDPA).")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full results as JSON.",
+                                                  show_default=False)] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Append one line per configuration.",
+                                                 show_default=False)] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Decode throughput of SFI against dense decoding, transformers.generate and the bandwidth limit."""
+    from sfi.bench import PRESETS, run_bench
+
+    from .render import append_csv, bench_table, write_json
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="--preset")
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{batch!r}: use a comma-separated list like 1,4", param_hint="--batch") from None
+    reporter = Reporter(quiet)
+    config = load_config(recipe, list(set_ or []))
+    result = run_bench(preset, _contexts(ctx), batches, new_tokens, config.sfi, hf=hf, progress=reporter.message)
+    if json_out is not None:
+        write_json(json_out, result)
+    if csv_out is not None:
+        append_csv(csv_out, result)
+    if not quiet:
+        bench_table(result, reporter.console)
+
+
 @app.command("recipes")
 def recipes_command() -> None:
     """List the shipped recipes."""

@@ -138,6 +138,52 @@ def eval_table(rows: list[dict], console: Console) -> None:
     console.print(table)
 
 
+def bench_table(result: dict, console: Console) -> None:
+    table = Table(title=f"sfi bench: {result['preset']}, {result['dtype']}, {result['device']}, copy bandwidth "
+                        f"{result['copy_bandwidth_GBps']:.0f} GB/s", title_justify="left")
+    for name in ("ctx x batch", "sfi tok/s", "dense tok/s", "hf tok/s", "sfi/dense", "sfi/hf", "sfi % roof",
+                 "dense % roof", "slow", "attended"):
+        table.add_column(name, justify="right")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in result["runs"]:
+        if "error" in r:
+            table.add_row(f"{r['ctx']} x {r['batch']}", r["error"], *[""] * 8)
+            continue
+        sfi, dense, hf = r["sfi"], r["dense"], r.get("hf_generate", {})
+        table.add_row(f"{r['ctx']} x {r['batch']}", fmt(sfi["tok_s"], ",.1f"), fmt(dense["tok_s"], ",.1f"),
+                      fmt(hf.get("tok_s"), ",.1f"), fmt(r["sfi_over_dense"], ".2f"), fmt(r.get("sfi_over_hf"), ".1f"),
+                      fmt(sfi.get("pct_roofline"), ".0f"), fmt(dense.get("pct_roofline"), ".0f"),
+                      fmt(sfi["slow_fraction"], ".1%"), fmt(sfi.get("attended_fraction"), ".1%"))
+    console.print(table)
+
+
+def append_csv(path: Path, result: dict) -> None:
+    """One line per configuration, appended (a header first when the file is new)."""
+    import csv
+
+    fields = ["device", "preset", "ctx", "batch", "new_tokens", "sfi_tok_s", "dense_tok_s", "hf_tok_s",
+              "sfi_over_dense", "sfi_pct_roofline", "dense_pct_roofline", "slow_fraction", "copy_bandwidth_GBps"]
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for r in result["runs"]:
+            if "error" in r:
+                continue
+            writer.writerow({
+                "device": result["device"], "preset": result["preset"], "ctx": r["ctx"], "batch": r["batch"],
+                "new_tokens": result["new_tokens"], "sfi_tok_s": round(r["sfi"]["tok_s"], 2),
+                "dense_tok_s": round(r["dense"]["tok_s"], 2),
+                "hf_tok_s": round(r["hf_generate"]["tok_s"], 2) if "tok_s" in r.get("hf_generate", {}) else "",
+                "sfi_over_dense": round(r["sfi_over_dense"], 3),
+                "sfi_pct_roofline": round(r["sfi"].get("pct_roofline", 0), 1),
+                "dense_pct_roofline": round(r["dense"].get("pct_roofline", 0), 1),
+                "slow_fraction": round(r["sfi"]["slow_fraction"], 4),
+                "copy_bandwidth_GBps": round(result["copy_bandwidth_GBps"], 1)})
+
+
 def write_json(path: Path, data: dict) -> None:
     """A JSON file, written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,160 @@
+"""Ranged decode attention: each row's keys are a compact range followed by a span of the main cache.
+
+One kernel serves every kind of decode row, so only metadata changes between steps:
+  fast row:   compact_len = sink + selected, span = [recent_start, length)
+  dense row:  compact_len = 0,               span = [0, length)
+Shapes: q [B, Hq, D]; k_cache, v_cache [Bc, Hkv, S, D]; compact_k, compact_v [Bc, Hkv, C, D];
+rows, compact_len, span_start, span_len [B] int32 (rows index the cache batch). Returns
+(out [B, Hq, D], lse [B, Hq]); lse is the natural-log log-sum-exp of the scaled logits.
+
+The Triton kernel splits each row's keys into chunks (flash-decoding) so that a batch of one still fills
+the GPU; partial results are merged with their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .decode_attention import decode_attention_ref
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the reference
+    triton = None
+
+
+def _gather_keys(cache: torch.Tensor, compact: torch.Tensor, rows: torch.Tensor, compact_len: torch.Tensor,
+                 span_start: torch.Tensor, span_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Hkv, L, D] keys (compact then span, padded) and their count per row: the reference's input."""
+    lengths = compact_len + span_len
+    width = int(lengths.max()) if lengths.numel() else 0
+    j = torch.arange(width, device=cache.device)[None, :]  # [1, L]
+    in_compact = j < compact_len[:, None]
+    pos_c = j.clamp(max=compact.shape[2] - 1).expand(len(rows), -1)
+    pos_s = (span_start[:, None] + j - compact_len[:, None]).clamp(0, cache.shape[2] - 1)
+    from_c = compact[rows[:, None], :, pos_c]  # [B, L, Hkv, D]
+    from_s = cache[rows[:, None], :, pos_s]
+    keys = torch.where(in_compact[..., None, None], from_c, from_s).transpose(1, 2)
+    return keys, lengths
+
+
+def ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
+                                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, compact_len, span_start, span_len = (t.long() for t in (rows, compact_len, span_start, span_len))
+    keys, lengths = _gather_keys(k_cache, compact_k, rows, compact_len, span_start, span_len)
+    values, _ = _gather_keys(v_cache, compact_v, rows, compact_len, span_start, span_len)
+    return decode_attention_ref(q, keys, values, lengths, scale)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ranged_decode_kernel(
+        q_ptr, kc_ptr, vc_ptr, kk_ptr, vk_ptr, rows_ptr, clen_ptr, sstart_ptr, slen_ptr,
+        part_o_ptr, part_lse_ptr,
+        stride_qb, stride_qh,
+        stride_cb, stride_ch, stride_cs,
+        stride_kb, stride_kh, stride_ks,
+        stride_pb, stride_ph, stride_ps,
+        scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        row = tl.load(rows_ptr + b)
+        clen = tl.load(clen_ptr + b)
+        sstart = tl.load(sstart_ptr + b)
+        total = clen + tl.load(slen_ptr + b)
+        lo = split * SPLIT
+        hi = tl.minimum(lo + SPLIT, total)
+
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        gmask = g < G
+        q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
+                    other=0.0).to(tl.float32)  # [G_PAD, D]
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        denom = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        c_base = row.to(tl.int64) * stride_cb + h * stride_ch
+        k_base = row.to(tl.int64) * stride_kb + h * stride_kh
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            valid = j < hi
+            in_c = valid & (j < clen)
+            in_s = valid & (j >= clen)
+            off_c = k_base + j.to(tl.int64)[:, None] * stride_ks + d[None, :]
+            off_s = c_base + (sstart + j - clen).to(tl.int64)[:, None] * stride_cs + d[None, :]
+            k = tl.load(kk_ptr + off_c, mask=in_c[:, None], other=0.0).to(tl.float32) + \
+                tl.load(kc_ptr + off_s, mask=in_s[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, D]
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G_PAD, BLOCK_N]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = tl.load(vk_ptr + off_c, mask=in_c[:, None], other=0.0).to(tl.float32) + \
+                tl.load(vc_ptr + off_s, mask=in_s[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        lse = tl.where(denom > 0, m + tl.log(tl.maximum(denom, 1e-30)), float("-inf"))
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+        heads = h * G + g
+        p_off = b * stride_pb + heads * stride_ph + split * stride_ps
+        tl.store(part_o_ptr + p_off[:, None] * D + d[None, :], out, mask=gmask[:, None])
+        tl.store(part_lse_ptr + p_off, lse, mask=gmask)
+
+
+def _check(q, k_cache, compact_k, rows) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or compact_k.dim() != 4:
+        raise ValueError(f"expected q [B, Hq, D], caches [Bc, Hkv, S, D]; got q {tuple(q.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}, compact {tuple(compact_k.shape)}")
+    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} does not match k_cache {tuple(k_cache.shape)}")
+    if rows.shape != (q.shape[0],):
+        raise ValueError(f"expected rows [{q.shape[0]}], got {tuple(rows.shape)}")
+
+
+def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
+                            scale: float | None = None, max_keys: int | None = None,
+                            split: int = 512, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync."""
+    _check(q, k_cache, compact_k, rows)
+    if triton is None or not (q.is_cuda or _interpreting()):
+        return ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
+                                           span_start, span_len, scale)
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if max_keys is None:
+        max_keys = int((compact_len + span_len).max())
+    n_split = max(1, triton.cdiv(max_keys, split))
+    part_o = torch.empty(b, hq, n_split, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b, hq, n_split, dtype=torch.float32, device=q.device)
+    for t in (k_cache, v_cache, compact_k, compact_v):
+        if t.stride(3) != 1:
+            raise ValueError("caches must be contiguous in the head dim")
+    _ranged_decode_kernel[(b, hkv, n_split)](
+        q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len, part_o, part_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        compact_k.stride(0), compact_k.stride(1), compact_k.stride(2),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 1), D=d, BLOCK_N=block_n,
+    )
+    lse = torch.logsumexp(part_lse, dim=-1)  # [B, Hq]
+    weights = torch.exp(part_lse - lse[..., None]).nan_to_num(0.0)  # empty splits carry -inf
+    out = (part_o * weights[..., None]).sum(dim=2)
+    return out.to(q.dtype), lse
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"

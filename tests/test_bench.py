@@ -1,0 +1,28 @@
+"""`sfi bench` on the tiny preset on CPU: it runs every baseline and writes its outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from sfi_cli.main import main
+
+
+def test_bench_tiny_preset_writes_json_and_csv(tmp_path, capsys):
+    out, table = tmp_path / "bench.json", tmp_path / "bench.csv"
+    argv = ["bench", "--preset", "qwen3-tiny", "--ctx", "300", "--batch", "1,2", "--new-tokens", "60",
+            "--set", "sfi.k_head=32", "--set", "sfi.recent=16", "--json", str(out), "--csv", str(table)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["parity"]["argmax_agreement"] == 1.0
+    runs = {(r["ctx"], r["batch"]): r for r in result["runs"]}
+    assert set(runs) == {(300, 1), (300, 2)}
+    for r in runs.values():
+        assert r["sfi"]["tok_s"] > 0 and r["dense"]["tok_s"] > 0 and r["hf_generate"]["tok_s"] > 0
+        assert 0 < r["sfi"]["slow_fraction"] < 0.2  # a slow step every 24 tokens per row
+        assert r["sfi"]["attended_fraction"] < 0.5
+        assert r["dense"]["slow_fraction"] == 1.0
+    assert main(argv) == 0  # a second run appends
+    lines = list(csv.DictReader(table.open()))
+    assert len(lines) == 4 and {line["batch"] for line in lines} == {"1", "2"}
+    assert "sfi bench" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""The ranged decode kernel (Triton; interpreted on CPU) against its reference and a float64 loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sfi_kernels import ranged_decode_attention, ranged_decode_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def naive(q, kc, vc, kk, vk, rows, clen, sstart, slen, scale):
+    b, hq, d = q.shape
+    g = hq // kc.shape[1]
+    out, lse = torch.empty(b, hq, d, dtype=torch.float64), torch.empty(b, hq, dtype=torch.float64)
+    for i in range(b):
+        r, c, s0, n = int(rows[i]), int(clen[i]), int(sstart[i]), int(slen[i])
+        for h in range(hq):
+            keys = torch.cat([kk[r, h // g, :c], kc[r, h // g, s0:s0 + n]]).double().cpu()
+            vals = torch.cat([vk[r, h // g, :c], vc[r, h // g, s0:s0 + n]]).double().cpu()
+            logits = keys @ q[i, h].double().cpu() * scale
+            lse[i, h] = torch.logsumexp(logits, 0)
+            out[i, h] = torch.softmax(logits, 0) @ vals
+    return out, lse
+
+
+CASES = [  # (per row: compact_len, span_start, span_len), hq, hkv, d
+    ([(0, 0, 1)], 4, 4, 64),
+    ([(27, 100, 63), (0, 0, 1110), (5, 3, 0)], 12, 3, 128),
+    ([(64, 900, 140), (1, 0, 27)], 8, 2, 64),
+    ([(0, 0, 600), (36, 500, 100), (12, 0, 1)], 3, 1, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference_on_awkward_shapes(case, dtype):
+    meta, hq, hkv, d = CASES[case]
+    torch.manual_seed(case)
+    b = len(meta)
+    bc, s, c = b + 1, 1200, 64
+    q = torch.randn(b, hq, d, device=DEVICE).to(dtype)
+    kc, vc = (torch.randn(bc, hkv, s, d, device=DEVICE).to(dtype) for _ in range(2))
+    kk, vk = (torch.randn(bc, hkv, c, d, device=DEVICE).to(dtype) for _ in range(2))
+    rows = torch.tensor(list(range(b))[::-1], dtype=torch.int32, device=DEVICE)  # not the identity
+    clen, sstart, slen = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in zip(*meta, strict=True))
+    # Poison everything outside each row's ranges: an out-of-range read would show as NaN.
+    for i, (cl, s0, n) in enumerate(meta):
+        r = int(rows[i])
+        kc[r, :, :s0] = float("nan")
+        kc[r, :, s0 + n:] = float("nan")
+        kk[r, :, cl:] = float("nan")
+    scale = 1 / math.sqrt(d)
+    out, lse = ranged_decode_attention(q, kc, vc, kk, vk, rows, clen, sstart, slen, scale, split=256, block_n=32)
+    ref_out, ref_lse = naive(q, kc, vc, kk, vk, rows, clen, sstart, slen, scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    rel = (out.double().cpu() - ref_out).norm() / ref_out.norm()
+    assert torch.isfinite(out).all() and rel < tol
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=tol, rtol=tol)
+    ref2, _ = ranged_decode_attention_ref(q, kc, vc, kk, vk, rows, clen, sstart, slen, scale)
+    assert ((ref2.double().cpu() - ref_out).norm() / ref_out.norm()) < tol
+
+
+def test_rejects_bad_shapes():
+    q = torch.randn(2, 6, 64)
+    kc = torch.randn(2, 4, 10, 64)
+    with pytest.raises(ValueError, match="does not match"):
+        ones = torch.ones(2, dtype=torch.int32)
+        ranged_decode_attention(q, kc, kc, kc, kc, torch.zeros(2, dtype=torch.int32), ones, ones, ones)
