@@ -41,6 +41,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def hf_model(preset: str, ctx: int, device: torch.device, dtype: torch.dtype):
+    """transformers' model of the preset, initialised directly on `device` (a CPU init of 4B random
+    parameters takes minutes)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config(preset, ctx), dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
 def hf_config(preset: str, ctx: int):
     from transformers import AutoConfig
 
@@ -143,11 +153,10 @@ def roofline(model: Transformer, kv_bytes_per_row_step: float, batch: int, bandw
 def bench_hf(preset: str, ctx: int, batch: int, new_tokens: int, device: torch.device, dtype: torch.dtype,
              model: Any | None = None) -> dict[str, float]:
     """`transformers.generate` (SDPA, greedy); decode time from per-step timestamps (a logits processor)."""
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     if model is None:
-        model = AutoModelForCausalLM.from_config(hf_config(preset, ctx), dtype=dtype,
-                                                 attn_implementation="sdpa").to(device).eval()
+        model = hf_model(preset, ctx, device, dtype)
 
     stamps: list[float] = []
 
@@ -170,12 +179,11 @@ def bench_hf(preset: str, ctx: int, batch: int, new_tokens: int, device: torch.d
 
 def check_parity(preset: str, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Our logits against transformers' on the same random weights, on this device and dtype."""
-    from transformers import AutoModelForCausalLM
 
     from .model import PrefillStep
 
     model = random_model(preset, 512, device, dtype, seed=1)
-    hf = AutoModelForCausalLM.from_config(hf_config(preset, 512), dtype=dtype).to(device).eval()
+    hf = hf_model(preset, 512, device, dtype)
     ours = dict(model.named_parameters())
     hd = model.args.head_dim
     with torch.no_grad():
@@ -250,12 +258,10 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
 
 
 def _bench_hf_rows(preset, ctx, rows, new_tokens, device, dtype, say) -> None:
-    from transformers import AutoModelForCausalLM
 
     if not rows:
         return
-    hf = AutoModelForCausalLM.from_config(hf_config(preset, ctx), dtype=dtype, attn_implementation="sdpa")
-    hf = hf.to(device).eval()
+    hf = hf_model(preset, ctx, device, dtype)
     for row in rows:
         try:
             row["hf_generate"] = bench_hf(preset, ctx, row["batch"], new_tokens, device, dtype, hf)
