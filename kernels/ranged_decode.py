@@ -60,7 +60,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_ks,
         stride_pb, stride_ph, stride_ps,
         scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -75,6 +75,7 @@ if triton is not None:
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         gmask = g < G
+        # The group's query heads, padded to G_PAD >= 16 rows so both products run on tensor cores.
         q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
                     other=0.0).to(tl.float32)  # [G_PAD, D]
         m = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -89,17 +90,19 @@ if triton is not None:
             in_s = valid & (j >= clen)
             off_c = k_base + j.to(tl.int64)[:, None] * stride_ks + d[None, :]
             off_s = c_base + (sstart + j - clen).to(tl.int64)[:, None] * stride_cs + d[None, :]
-            k = tl.load(kk_ptr + off_c, mask=in_c[:, None], other=0.0).to(tl.float32) + \
-                tl.load(kc_ptr + off_s, mask=in_s[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, D]
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G_PAD, BLOCK_N]
+            # Masked loads fetch nothing where masked, so each key is read once, from one of the two ranges.
+            k = tl.load(kk_ptr + off_c, mask=in_c[:, None], other=0.0) + \
+                tl.load(kc_ptr + off_s, mask=in_s[:, None], other=0.0)
+            k = k.to(tl.float32)  # [BLOCK_N, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N]
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
-            v = tl.load(vk_ptr + off_c, mask=in_c[:, None], other=0.0).to(tl.float32) + \
-                tl.load(vc_ptr + off_s, mask=in_s[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(vk_ptr + off_c, mask=in_c[:, None], other=0.0) + \
+                tl.load(vc_ptr + off_s, mask=in_s[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
         lse = tl.where(denom > 0, m + tl.log(tl.maximum(denom, 1e-30)), float("-inf"))
@@ -146,7 +149,10 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         compact_k.stride(0), compact_k.stride(1), compact_k.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 1), D=d, BLOCK_N=block_n,
+        scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 16), D=d, BLOCK_N=block_n,
+        # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
+        # exact (ieee) products, since tf32 would round their mantissas.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )
     lse = torch.logsumexp(part_lse, dim=-1)  # [B, Hq]
     weights = torch.exp(part_lse - lse[..., None]).nan_to_num(0.0)  # empty splits carry -inf
