@@ -64,12 +64,7 @@ class SfiRuntime:
         # Rows whose context fits this attend to everything; -1 sends every row through the memory.
         self.budget = cfg.sink + cfg.k_head + cfg.recent if cfg.dense_within_budget else -1
         self.kv_bytes_per_token = kv_bytes_per_token
-        self.params = SelectorParams(
-            alpha=cfg.alpha, gamma=cfg.gamma, w_l2=cfg.w_l2, w_pos=cfg.w_pos, pos_p=cfg.pos_p, pos_eta=cfg.pos_eta,
-            pos_beta=cfg.pos_beta, lam_max_multi=cfg.lam_max_multi, lam_max_single=cfg.lam_max_single,
-            nms_radius=cfg.nms_radius, nms_strength=cfg.nms_strength, excl_temperature=cfg.excl_temperature,
-            excl_weight=cfg.excl_weight, use_power_mean=cfg.use_power_mean, use_prior=cfg.use_prior,
-            use_nms=cfg.use_nms, use_exclusivity=cfg.use_exclusivity)
+        self.params = SelectorParams.from_config(cfg)
         self.selector = select if cfg.selector == "sfi" else select_topk
         self.state = [BoundaryState() for _ in range(n_rows)]
         self.pending = [False] * n_rows

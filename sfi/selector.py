@@ -8,6 +8,7 @@ Positions are relative to the selection domain [lo, hi) of the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,11 @@ class SelectorParams:
     use_prior: bool = True
     use_nms: bool = True
     use_exclusivity: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: object) -> SelectorParams:
+        """The Selector's constants from an SfiConfig (which holds them, with the spec's defaults, for recipes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def row_log_dist(z: torch.Tensor) -> torch.Tensor:

@@ -136,3 +136,10 @@ def test_lam_max_single_row_is_used_for_one_row():
     log_f = S.power_mean(S.row_log_dist(z), 0.5)
     lam = S.mix_weight(log_f, S.prior(norms, P), 0.35)
     assert torch.all(lam <= 0.35) and math.isclose(P.lam_max_single, 0.35)
+
+
+def test_params_follow_the_recipe_config():
+    from sfi.config import SfiConfig
+
+    assert S.SelectorParams.from_config(SfiConfig()) == S.SelectorParams()  # same defaults in both places
+    assert S.SelectorParams.from_config(SfiConfig(alpha=0.25, use_nms=False)).alpha == 0.25
