@@ -249,3 +249,28 @@ def test_recipes_command_lists_shipped_recipes(capsys):
     out = capsys.readouterr().out
     for name in ("default", "quality", "dense", "tiny"):
         assert name in out
+
+
+def test_sfi_reports_and_compare_dense(ckpt, tmp_path):
+    """Long-enough prompts under the tiny recipe take sparse steps; every line reports them, and
+    --compare dense adds the measured comparison."""
+    long_jobs = [{"id": f"long{i}", "prompt": (tiny.TEXT * 3)[i * 40:], "max_new_tokens": 30} for i in range(3)]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", long_jobs)
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    argv = ["run", jobs, "-m", ckpt, "-o", str(out), "-r", "tiny", "--set", "sfi.k_head=16", "--set",
+            "sfi.recent=16", "--compare", "dense", "-q", "--report", str(report)]
+    assert main(argv) == 0
+    for r in read_out(out):
+        sfi, cmp = r["sfi"], r["compare_dense"]
+        assert sfi["slow_steps"] + sfi["fast_steps"] == r["completion_tokens"]
+        assert sfi["fast_steps"] > 0 and sfi["attended_fraction"] < 1
+        assert sfi["kv_bytes_read"] < sfi["kv_bytes_dense"]
+        assert 0 <= cmp["token_agreement"] <= 1 and isinstance(cmp["identical"], bool)
+        assert cmp["identical"] == (cmp["token_agreement"] == 1.0)
+        assert cmp["dense_decode_tok_s"] > 0
+    rep = json.loads(report.read_text())["sfi"]
+    assert rep["fast_steps"] == sum(r["sfi"]["fast_steps"] for r in read_out(out))
+    dense_out = tmp_path / "dense.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(dense_out), "-r", "dense", "-q"]) == 0
+    for r in read_out(dense_out):
+        assert r["sfi"]["fast_steps"] == 0 and r["sfi"]["attended_fraction"] == 1.0
