@@ -130,7 +130,9 @@ def build_trial(task: str, tokenizer: Any, length: int, seed: int) -> Trial:
         question = f"\n\nFollow the assignments. What is the value of VAR {names[-1]}? Answer with the number only."
         return Trial(task, length, _chat(tokenizer, hay + question), value)
     if task == "nll":
-        ids = tokenizer(_haystack(tokenizer, length + NLL_TOKENS + 200, rng, []), add_special_tokens=False)["input_ids"]
+        # Sentence-by-sentence counts overestimate the joined text by about a token per sentence: ask for more.
+        want = int(1.15 * (length + NLL_TOKENS)) + 200
+        ids = tokenizer(_haystack(tokenizer, want, rng, []), add_special_tokens=False)["input_ids"]
         if len(ids) < length + NLL_TOKENS:
             raise ConfigError(f"not enough prose for a {length}-token nll trial")
         return Trial(task, length, list(ids[:length]), continuation=list(ids[length:length + NLL_TOKENS]))
@@ -157,7 +159,10 @@ def _runtime(config: Config, lm: LoadedModel, n_rows: int) -> SfiRuntime | None:
 # -- running --------------------------------------------------------------------------------------------
 def evaluate(lm: LoadedModel, recipes: Sequence[str], tasks: Sequence[str], lengths: Sequence[int], trials: int,
              seed: int = 0, max_new_tokens: int = 12, batch: int = 4, prefill_chunk: int = 1024,
-             progress: Callable[[str], None] | None = None) -> list[Cell]:
+             progress: Callable[[str], None] | None = None,
+             checkpoint: Callable[[list[Cell]], None] | None = None) -> list[Cell]:
+    """Every recipe on every (task, length); `checkpoint` gets the cells finished so far after each
+    (task, length), so a long evaluation that is stopped keeps what it measured."""
     configs = [parse_recipe_spec(r) for r in recipes]
     window = max(c.sfi.bootstrap_window for c in configs)
     cells = {(c.recipe, t, n): Cell(c.recipe, t, n) for c in configs for t in tasks for n in lengths}
@@ -172,6 +177,8 @@ def evaluate(lm: LoadedModel, recipes: Sequence[str], tasks: Sequence[str], leng
                 _run_group(lm, configs, group, cells, window, max_new_tokens, prefill_chunk)
                 if progress:
                     progress(f"{task} @ {length}: {min(start + batch, trials)}/{trials} trials")
+            if checkpoint:
+                checkpoint([c for c in cells.values() if c.trials])
     return list(cells.values())
 
 

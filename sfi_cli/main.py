@@ -112,12 +112,15 @@ def eval_command(
     reporter = Reporter(quiet)
     lm = load_model(model, device or "auto", dtype or "auto", progress=reporter.message)
     reporter.message(f"model {lm.name} on {lm.model.device}, loaded in {lm.load_s:.1f}s")
+    def save(cells: list) -> None:
+        if json_out is not None:
+            write_json(json_out, {"model": lm.name, "device": str(lm.model.device), "trials": trials, "seed": seed,
+                                  "cells": [c.summary() for c in cells]})
+
     cells = evaluate(lm, recipe or ["dense", "default"], task_list, parse_lengths(lengths), trials, seed=seed,
-                     batch=batch, progress=reporter.message)
+                     batch=batch, progress=reporter.message, checkpoint=save)
+    save(cells)
     rows = [c.summary() for c in cells]
-    if json_out is not None:
-        write_json(json_out, {"model": lm.name, "device": str(lm.model.device), "trials": trials, "seed": seed,
-                              "cells": rows})
     if not quiet:
         eval_table(rows, reporter.console)
 
