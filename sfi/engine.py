@@ -316,11 +316,18 @@ class Runner:
             except PromptError as e:
                 self._fail(writer, job.id, f"{job.source}:{job.line}: {e}", job.api)
                 continue
-            sized.append(Sized(p, len(p.prompt.ids) + p.prompt.max_new_tokens))
+            sized.append(Sized(p, self._cache_tokens(len(p.prompt.ids) + p.prompt.max_new_tokens)))
         self.obs.start(len(sized))
         if not sized:
             return
         self._decode_all(lm, sized, writer)
+
+    def _cache_tokens(self, tokens: int) -> int:
+        """KV positions a row costs: its cache, plus its compact memory when SFI will need one."""
+        cfg = self.cfg.sfi
+        budget = cfg.sink + cfg.k_head + cfg.recent
+        needs_memory = cfg.mode == "sfi" and (not cfg.dense_within_budget or tokens > budget)
+        return tokens + (cfg.sink + cfg.k_head if needs_memory else 0)
 
     def _decode_all(self, lm: LoadedModel, sized: list[Sized[Prepared]], writer: ResultWriter) -> None:
         d = self.cfg.decode
