@@ -40,7 +40,7 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     """q [B, Hq, D] for the rows of `step` (a model.DecodeStep) -> attention output [B, Hq, D]."""
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
     plan = step.sparse
-    if q.is_cuda:
+    if q.is_cuda or step.fixed_ranges is not None:
         return _decode_ranged(layer, q, cache, step, scale)
     if plan is None:
         keys, values = kc[:, :, : step.kv_len], vc[:, :, : step.kv_len]
@@ -70,14 +70,15 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
 
 def _decode_ranged(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
     """GPU path: every row in one ranged-kernel launch (dense rows read an empty compact range and their
-    whole cache), then the slow rows' captures."""
+    whole cache), then the slow rows' captures (or, in a static step, the queries kept for them)."""
     kc, vc = cache.k[layer], cache.v[layer]
     plan = step.sparse
-    mem_k, mem_v = (plan.memory.k[layer], plan.memory.v[layer]) if plan is not None and plan.memory else (kc, vc)
+    memory = step.memory if step.memory is not None else (plan.memory if plan is not None else None)
+    mem_k, mem_v = (memory.k[layer], memory.v[layer]) if memory is not None else (kc, vc)
     rows, clen, start, span, max_keys = step.ranges
-    if plan is not None and plan.fast_idx.numel():
-        max_keys = max(max_keys, plan.span + int(plan.memory.k.shape[3]))
     out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys)
+    if step.q_out is not None:
+        step.q_out[layer].copy_(q)
     for c in plan.captures if plan is not None else ():
         z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)
         plan.refresh(layer, c.row, z)

@@ -109,7 +109,7 @@ def _requests(model: Transformer, ctx: int, batch: int, new_tokens: int, seed: i
 
 
 def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: SfiConfig | None = None,
-               period: int = 24, seed: int = 0, warmup_steps: int = 5) -> dict[str, Any]:
+               period: int = 24, seed: int = 0, warmup_steps: int = 5, cuda_graphs: bool = True) -> dict[str, Any]:
     """Our decoder on random prompts; `sfi` None is the dense recipe. With SFI, random weights produce no
     sentences, so a slow step fires every `period` tokens per row, rows staggered (bench-protocol.md)."""
     device = model.device
@@ -121,11 +121,14 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
             state.last_slow = -(row * period // batch)
     _sync(device)
     t0 = time.perf_counter()
-    steps, prefill_s, kinds = [], 0.0, []
-    for event in generate(model, requests, prefill_chunk=4096, runtime=runtime):
+    steps, prefill_s, kinds, captures = [], 0.0, [], 0
+    for event in generate(model, requests, prefill_chunk=4096, runtime=runtime, cuda_graphs=cuda_graphs):
         if isinstance(event, StepDone):
             _sync(device)
-            steps.append((len(event.rows), event.seconds))
+            if event.captured_graph:  # one-time cost of a new step shape, not decode speed
+                captures += 1
+            else:
+                steps.append((len(event.rows), event.seconds))
             kinds += event.kinds or ["slow"] * len(event.rows)
         else:
             prefill_s += event.seconds
@@ -134,7 +137,8 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
     seconds = [t for _, t in timed]
     result = {"tok_s": sum(n for n, _ in timed) / sum(seconds), "step_ms_p50": 1e3 * statistics.median(seconds),
               "step_ms_p90": 1e3 * sorted(seconds)[int(0.9 * (len(seconds) - 1))], "prefill_s": prefill_s,
-              "end_to_end_s": total_s, "slow_fraction": kinds.count("slow") / max(len(kinds), 1)}
+              "end_to_end_s": total_s, "slow_fraction": kinds.count("slow") / max(len(kinds), 1),
+              "graph_captures": captures, "timed_steps": len(timed)}
     if runtime is not None:
         reports = [runtime.report(r) for r in range(batch)]
         result["attended_fraction"] = statistics.mean(r["attended_fraction"] for r in reports)
@@ -211,7 +215,7 @@ def _hf_view(name: str, ours: dict[str, torch.Tensor], args: ModelArgs, hd: int)
 
 
 def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_tokens: int, sfi: SfiConfig,
-              hf: bool = True, progress=None) -> dict[str, Any]:
+              hf: bool = True, progress=None, cuda_graphs: bool = True) -> dict[str, Any]:
     """Every (context, batch): SFI, dense and (optionally) transformers.generate, with the roofline."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -220,6 +224,7 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "preset": preset,
         "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens, "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9, "sfi": dataclasses.asdict(sfi),
+        "cuda_graphs": cuda_graphs and device.type == "cuda",
         "parity": check_parity(preset, device, dtype), "runs": []}
     say = progress or (lambda text: None)
     say(json.dumps({k: report[k] for k in ("device", "copy_bandwidth_GBps", "parity")}))
@@ -229,8 +234,8 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
         for batch in batches:
             row: dict[str, Any] = {"ctx": ctx, "batch": batch}
             try:
-                row["dense"] = bench_ours(model, ctx, batch, new_tokens)
-                row["sfi"] = bench_ours(model, ctx, batch, new_tokens, sfi)
+                row["dense"] = bench_ours(model, ctx, batch, new_tokens, cuda_graphs=cuda_graphs)
+                row["sfi"] = bench_ours(model, ctx, batch, new_tokens, sfi, cuda_graphs=cuda_graphs)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
                 say(json.dumps(row))
@@ -279,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    report = run_bench(a.preset, a.ctx, a.batch, a.new_tokens, SfiConfig(), hf=not a.no_hf,
+    report = run_bench(a.preset, a.ctx, a.batch, a.new_tokens, SfiConfig(), hf=not a.no_hf, cuda_graphs=not a.no_graphs,
                        progress=lambda text: print(text, file=sys.stderr, flush=True))
     text = json.dumps(report, indent=2)
     print(text)

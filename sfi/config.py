@@ -77,6 +77,7 @@ class DecodeConfig:
     prefill_chunk: int = 2048  # prompt tokens per prefill forward: bounds prefill memory
     max_batch_size: int = 32
     kv_memory_fraction: float = 0.85  # of the memory free after loading, for KV caches and activations
+    cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs (false: launch op by op)
 
     def __post_init__(self) -> None:
         _at_least("decode.prefill_chunk", self.prefill_chunk, 16)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
+from .graphs import StaticDecoder
 from .memory import SparseMemory
 from .model import DecodeStep, PrefillStep, Transformer
 from .runtime import Capture, SfiRuntime
@@ -57,6 +58,7 @@ class StepDone:
     seconds: float
     kinds: list[str] | None = None  # per row: "slow", "fast" or "full" (None: every row dense)
     logprobs: list[float] | None = None  # with forced tokens: log p of each row's forced token
+    captured_graph: bool = False  # this step included capturing a CUDA graph (one-time cost)
 
 
 def chunk_starts(length: int, chunk: int, last_at_least: int = 1) -> list[int]:
@@ -104,11 +106,14 @@ def _logprob(logits: torch.Tensor, token: int) -> float:
 def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int = 2048,
              cache: KVCache | None = None, runtime: SfiRuntime | None = None,
              prefilled: Sequence[Prefilled] | None = None,
-             forced: Sequence[Sequence[int]] | None = None) -> Iterator[PrefillDone | StepDone]:
+             forced: Sequence[Sequence[int]] | None = None,
+             static: bool | None = None, cuda_graphs: bool = True) -> Iterator[PrefillDone | StepDone]:
     """Decode `requests` as one batch; each row's tokens accumulate in its StopChecker.
 
     `prefilled` (with `cache`) skips the prompt forward passes; `forced` feeds given tokens instead of
-    sampling (teacher forcing) and reports their log-probabilities.
+    sampling (teacher forcing) and reports their log-probabilities. `static` runs the decode steps
+    through static buffers (see sfi.graphs; default: on a GPU), replayed from CUDA graphs when
+    `cuda_graphs`; otherwise each step is built and launched op by op.
     """
     device = model.device
     cache = cache or model.new_cache(len(requests), cache_length(requests))
@@ -141,15 +146,27 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
 
     step = 0
     active = [row for row, req in enumerate(requests) if not req.stopper.finished]
+    if static is None:
+        static = device.type == "cuda"
+    fixed = StaticDecoder(model, cache, runtime.memory if runtime else None, cuda_graphs) if static else None
+    scale = model.layers[0].attention.scale
     while active:
         started = time.perf_counter()
-        rows = torch.tensor(active, dtype=torch.long, device=device)
-        positions = torch.tensor([lengths[r] for r in active], dtype=torch.long, device=device)
-        kinds, sparse = runtime.plan(active, lengths, device) if runtime is not None else (None, None)
-        plan = DecodeStep(rows=rows, positions=positions, kv_len=max(lengths[r] for r in active) + 1,
-                          whole_cache=len(active) == cache.batch, sparse=sparse)
-        tokens_in = torch.tensor([last[r] for r in active], dtype=torch.long, device=device)
-        logits = model.decode(tokens_in, cache, plan)
+        if fixed is not None:
+            kinds, captures = runtime.kinds(active, lengths) if runtime is not None else (None, [])
+            positions = [lengths[r] for r in active]
+            clen, start = runtime.ranges(active, kinds) if runtime is not None else ([0] * len(active),) * 2
+            logits = fixed.decode([last[r] for r in active], active, positions, clen, start)
+            for c in captures:
+                runtime.refresh_layers(c.row, fixed.queries(len(active))[:, c.batch_index], c.lo, c.hi, scale)
+        else:
+            rows = torch.tensor(active, dtype=torch.long, device=device)
+            positions = torch.tensor([lengths[r] for r in active], dtype=torch.long, device=device)
+            kinds, sparse = runtime.plan(active, lengths, device) if runtime is not None else (None, None)
+            plan = DecodeStep(rows=rows, positions=positions, kv_len=max(lengths[r] for r in active) + 1,
+                              whole_cache=len(active) == cache.batch, sparse=sparse)
+            tokens_in = torch.tensor([last[r] for r in active], dtype=torch.long, device=device)
+            logits = model.decode(tokens_in, cache, plan)
         logprobs = None
         if forced:
             tokens = [forced[r][len(requests[r].stopper.token_ids)] for r in active]
@@ -167,6 +184,7 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
                 finished.append(row)
             elif runtime is not None:
                 runtime.observe(row, token)
-        yield StepDone(step, list(active), tokens, finished, seconds, kinds, logprobs)
+        yield StepDone(step, list(active), tokens, finished, seconds, kinds, logprobs,
+                       fixed is not None and fixed.captured)
         step += 1
         active = [r for r in active if not requests[r].stopper.finished]

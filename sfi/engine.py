@@ -231,7 +231,8 @@ class Runner:
                 model=self.summary.model, metadata=p.job.metadata, extra=extra))
 
         try:
-            for event in generate(lm.model, requests, self.cfg.decode.prefill_chunk, runtime=runtime):
+            for event in generate(lm.model, requests, self.cfg.decode.prefill_chunk, runtime=runtime,
+                                  cuda_graphs=self.cfg.decode.cuda_graphs):
                 if isinstance(event, PrefillDone):
                     queue_s[event.row] = event.started - self.t0
                     prefill_s[event.row] = event.seconds

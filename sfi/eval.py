@@ -39,6 +39,14 @@ class Trial:
     prompt_ids: list[int]
     answer: str | None = None  # retrieval tasks: the number the output must contain
     continuation: list[int] | None = None  # nll: the true next tokens
+    chain: tuple[str, ...] = ()  # vartrack: the variables that hold the value
+
+    def score(self, output: str) -> bool:
+        """passkey, multikey: the number appears; vartrack: the first variable named is in the chain."""
+        if self.task == "vartrack":
+            named = re.search(r"X\d{3}", output)
+            return bool(named) and named.group(0) in self.chain
+        return self.answer is not None and self.answer in output
 
 
 @dataclass
@@ -91,10 +99,12 @@ def _haystack(tokenizer: Any, n_tokens: int, rng: random.Random, needles: Sequen
     return "".join(picked)
 
 
-def _chat(tokenizer: Any, content: str) -> list[int]:
+def _chat(tokenizer: Any, content: str, answer_prefix: str = "") -> list[int]:
+    """The user turn, the generation prompt, then the start of the answer (as RULER does), so that the
+    answer itself fits in a few tokens and a small model does not spend them restating the question."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"])
 
 
 def _number(rng: random.Random) -> str:
@@ -104,39 +114,45 @@ def _number(rng: random.Random) -> str:
 def build_trial(task: str, tokenizer: Any, length: int, seed: int) -> Trial:
     """One seeded trial whose prompt is about `length` tokens."""
     rng = random.Random(f"{task}:{length}:{seed}")
-    room = length - len(_chat(tokenizer, "\n\nWhat is the special magic number for juniper? Answer with the "
-                                         "number only.")) - 8  # the question and the chat template
+    chain: tuple[str, ...] = ()
     if task == "passkey":
-        key = _number(rng)
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        hay = _haystack(tokenizer, room, rng, [(rng.uniform(0.1, 0.9), needle)])
-        return Trial(task, length, _chat(tokenizer, hay + "\n\nWhat is the pass key? Answer with the number only."),
-                     key)
-    if task == "multikey":
+        answer = _number(rng)
+        needles = [(rng.uniform(0.1, 0.9), f"The pass key is {answer}. Remember it. {answer} is the pass key.")]
+        question, prefix = "\n\nWhat is the pass key? Answer with the number only.", "The pass key is the number"
+    elif task == "multikey":
         words = rng.sample(KEY_WORDS, 4)
         values = [_number(rng) for _ in words]
         needles = [(rng.uniform(0.05, 0.95), f"The special magic number for {w} is {v}.")
                    for w, v in zip(words, values, strict=True)]
         asked = rng.randrange(4)
-        hay = _haystack(tokenizer, room, rng, needles)
+        answer = values[asked]
         question = f"\n\nWhat is the special magic number for {words[asked]}? Answer with the number only."
-        return Trial(task, length, _chat(tokenizer, hay + question), values[asked])
-    if task == "vartrack":
-        names = [f"X{rng.randrange(100, 1000)}" for _ in range(3)]
-        value = _number(rng)
-        depths = sorted(rng.uniform(0.05, 0.95) for _ in names)
-        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:], strict=False)]
-        hay = _haystack(tokenizer, room, rng, list(zip(depths, chain, strict=True)))
-        question = f"\n\nFollow the assignments. What is the value of VAR {names[-1]}? Answer with the number only."
-        return Trial(task, length, _chat(tokenizer, hay + question), value)
-    if task == "nll":
-        # Sentence-by-sentence counts overestimate the joined text by about a token per sentence: ask for more.
-        want = int(1.15 * (length + NLL_TOKENS)) + 200
-        ids = tokenizer(_haystack(tokenizer, want, rng, []), add_special_tokens=False)["input_ids"]
-        if len(ids) < length + NLL_TOKENS:
-            raise ConfigError(f"not enough prose for a {length}-token nll trial")
-        return Trial(task, length, list(ids[:length]), continuation=list(ids[length:length + NLL_TOKENS]))
-    raise ConfigError(f"unknown eval task {task!r}; choose from {', '.join(TASKS)}")
+        prefix = f"The special magic number for {words[asked]} is"
+    elif task == "vartrack":
+        # RULER's formulation: a chain VAR A = value, VAR B = VAR A, VAR C = VAR B spread through the text,
+        # and the question asks which variables hold the value.
+        chain = tuple(f"X{n}" for n in rng.sample(range(100, 1000), 3))
+        answer = _number(rng)
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in chain)
+        lines = [f"VAR {chain[0]} = {answer}."]
+        lines += [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:], strict=False)]
+        needles = list(zip(depths, lines, strict=True))
+        question = (f"\n\nFind all variables that are assigned the value {answer} in the text above, "
+                    "directly or through other variables.")
+        prefix = f"The variables assigned the value {answer} are: VAR"
+    elif task != "nll":
+        raise ConfigError(f"unknown eval task {task!r}; choose from {', '.join(TASKS)}")
+    if task != "nll":
+        room = length - len(_chat(tokenizer, question, prefix)) - 4
+        hay = _haystack(tokenizer, room, rng, needles)
+        return Trial(task, length, _chat(tokenizer, hay + question, prefix), answer, chain=chain)
+    # nll: a prose prefix and its true continuation.
+    # Sentence-by-sentence counts overestimate the joined text by about a token per sentence: ask for more.
+    want = int(1.15 * (length + NLL_TOKENS)) + 200
+    ids = tokenizer(_haystack(tokenizer, want, rng, []), add_special_tokens=False)["input_ids"]
+    if len(ids) < length + NLL_TOKENS:
+        raise ConfigError(f"not enough prose for a {length}-token nll trial")
+    return Trial(task, length, list(ids[:length]), continuation=list(ids[length:length + NLL_TOKENS]))
 
 
 # -- recipes --------------------------------------------------------------------------------------------
@@ -210,7 +226,7 @@ def _run_group(lm: LoadedModel, configs: Sequence[Config], group: Sequence[Trial
             if task == "nll":
                 cell.nll.append(-statistics.mean(logprobs[row]))
             else:
-                cell.correct += int(trial.answer in requests[row].stopper.text())
+                cell.correct += int(trial.score(requests[row].stopper.text()))
             report = runtime.report(row) if runtime else None
             decode_steps = len(requests[row].stopper.token_ids) - 1
             if report and decode_steps > 0:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from . import attention
 from .cache import KVCache
@@ -117,11 +118,18 @@ class DecodeStep:
     kv_len: int  # host-side max(positions) + 1: how far into the cache any row reads
     whole_cache: bool  # rows == arange(cache batch): attention can read the cache without a gather
     sparse: Any = None  # runtime.SparsePlan: per-row slow/fast decision; None = every row dense
+    # Static-buffer steps (CUDA graphs): the ranged kernel's metadata given as is, the compact memory it
+    # reads, and where each layer leaves its queries for the slow rows' refresh after the step.
+    fixed_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+    memory: Any = None
+    q_out: torch.Tensor | None = None  # [L, B, Hq, D]
 
     @functools.cached_property
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Per-row key ranges for the ranged kernel, built once per step and shared by all layers:
         (rows, compact_len, span_start, span_len) int32 [B] and the host max of compact_len + span_len."""
+        if self.fixed_ranges is not None:
+            return self.fixed_ranges
         length = self.positions + 1
         clen, start = torch.zeros_like(length), torch.zeros_like(length)
         max_keys = self.kv_len
@@ -129,6 +137,7 @@ class DecodeStep:
         if plan is not None and plan.fast_idx.numel():
             clen[plan.fast_idx] = plan.compact_len
             start[plan.fast_idx] = plan.recent_start
+            max_keys = max(max_keys, plan.span + int(plan.memory.k.shape[3]))
         as32 = lambda t: t.to(torch.int32)  # noqa: E731
         return as32(self.rows), as32(clen), as32(start), as32(length - start), max_keys
 
@@ -178,10 +187,18 @@ class Attention(nn.Module):
         if step.start == 0:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            # Chunk i sees every cached key plus the chunk's own keys up to itself.
-            qpos = torch.arange(step.start, end, device=x.device)[:, None]
-            mask = torch.arange(end, device=x.device)[None, :] <= qpos  # [T, end]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            # Chunk i sees every cached key plus the chunk's own keys up to itself: a causal mask aligned
+            # to the bottom right, which SDPA runs as a fused (flash-style) kernel without materialising
+            # a [T, end] score matrix, so a 128k prompt needs memory linear in its length.
+            mask = causal_lower_right(step.length, end)
+            if x.is_cuda and self.n_heads != self.n_kv_heads:
+                # The fused kernel for this mask does not take grouped heads on CUDA: expand K/V per chunk.
+                g = self.n_heads // self.n_kv_heads
+                keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                     enable_gqa=True)
         if step.bootstrap is not None:
             w = step.bootstrap.batch_index
             attention.bootstrap(self.layer, q[0, :, -w:], cache, end, step.bootstrap, step.refresh, self.scale)

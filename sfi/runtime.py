@@ -106,6 +106,22 @@ class SfiRuntime:
             picks = self.selector(zg, norms, self.cfg.k_head, self.params)
         memory.write(layer, row, cache, lo, picks)
 
+    def refresh_layers(self, row: int, q: torch.Tensor, lo: int, hi: int, scale: float) -> None:
+        """`refresh` for every layer at once from the slow step's queries q [L, Hq, D] (the decode step
+        ran without captures, e.g. replayed from a CUDA graph): logits over [lo, hi), Selector, compaction.
+        The same math as one `refresh` per layer, in a few launches instead of a few per layer."""
+        cache, memory = self.cache, self.memory
+        n_layers, hkv = cache.k.shape[0], cache.k.shape[2]
+        hq, d = q.shape[1], q.shape[2]
+        if hi <= lo:
+            picks = torch.empty(n_layers, hkv, 0, dtype=torch.long, device=q.device)
+        else:
+            keys = cache.k[:, row, :, lo:hi].float()  # [L, Hkv, N, D]
+            qg = q.float().reshape(n_layers, hkv, hq // hkv, d)  # query heads h*G..h*G+G-1 share KV head h
+            z = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [L, Hkv, G, N]
+            picks = self.selector(z, keys.norm(dim=-1), self.cfg.k_head, self.params)
+        memory.write_layers(row, cache, lo, picks)
+
     def bootstrap(self, row: int, prompt_len: int) -> Capture | None:
         """After prefill: refresh from the last W prompt queries if the prompt exceeds the budget."""
         self.stats[row].slow += 1
@@ -120,8 +136,9 @@ class SfiRuntime:
         return capture
 
     # -- per step -------------------------------------------------------------------------------------
-    def plan(self, active: Sequence[int], lengths: Sequence[int], device: torch.device) -> tuple[list[str], SparsePlan]:
-        kinds, captures, dense, fast = [], [], [], []
+    def kinds(self, active: Sequence[int], lengths: Sequence[int]) -> tuple[list[str], list[Capture]]:
+        """Each active row's step kind, and a Capture (with its batch index) for every slow row."""
+        kinds, captures = [], []
         for i, row in enumerate(active):
             length = lengths[row] + 1  # this step's token is written before attention
             if length <= self.budget:
@@ -133,8 +150,20 @@ class SfiRuntime:
                 captures.append(capture)
             else:
                 kind = "fast"
-            (fast if kind == "fast" else dense).append(i)
             kinds.append(kind)
+        return kinds, captures
+
+    def ranges(self, active: Sequence[int], kinds: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Per row (compact length, first cache position read): fast rows read their memory and recent
+        span, the others nothing of the memory and their whole cache."""
+        fast = [kind == "fast" for kind in kinds]
+        return ([self.compact_len[r] if f else 0 for r, f in zip(active, fast, strict=True)],
+                [self.recent_start[r] if f else 0 for r, f in zip(active, fast, strict=True)])
+
+    def plan(self, active: Sequence[int], lengths: Sequence[int], device: torch.device) -> tuple[list[str], SparsePlan]:
+        kinds, captures = self.kinds(active, lengths)
+        dense = [i for i, kind in enumerate(kinds) if kind != "fast"]
+        fast = [i for i, kind in enumerate(kinds) if kind == "fast"]
         fast_rows = [active[i] for i in fast]
         span = max((lengths[r] + 1 - self.recent_start[r] for r in fast_rows), default=0)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731

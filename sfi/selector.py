@@ -1,6 +1,7 @@
 """The Selector: which context tokens each KV head keeps in its compact memory, from captured logits.
 
-Pure torch, one (layer, sequence) at a time, all KV heads together (shapes [H, ...], H = KV heads).
+Pure torch, one sequence at a time, all KV heads together (shapes [..., H, R, N], H = KV heads; leading
+dimensions, such as every layer of one refresh, are independent problems solved in one pass).
 Every stage of ../shared/sfi-spec.md is a function so tests can check it alone; `select` chains them
 and any stage but the first can be switched off for ablations. `select_topk` is the plain baseline.
 Positions are relative to the selection domain [lo, hi) of the caller.
@@ -46,36 +47,36 @@ class SelectorParams:
 
 
 def row_log_dist(z: torch.Tensor) -> torch.Tensor:
-    """z [H, R, N] logits (-inf where a row cannot see) -> log p_r(k), each row normalised over its domain."""
+    """z [..., H, R, N] logits (-inf where a row cannot see) -> log p_r(k), each row normalised over its domain."""
     return z - torch.logsumexp(z, dim=-1, keepdim=True)
 
 
 def valid_rows(logp: torch.Tensor) -> torch.Tensor:
-    """[H, R] bool: rows with a non-empty domain."""
+    """[..., H, R] bool: rows with a non-empty domain."""
     return torch.isfinite(logp).any(dim=-1)
 
 
 def power_mean(logp: torch.Tensor, alpha: float) -> torch.Tensor:
-    """log f [H, N]: normalised alpha-power mean of the rows' distributions (rows with no domain dropped)."""
-    ok = valid_rows(logp)  # [H, R]
-    n_rows = ok.sum(-1).clamp(min=1).to(logp.dtype)  # [H]
+    """log f [..., H, N]: normalised alpha-power mean of the rows' distributions (rows with no domain dropped)."""
+    ok = valid_rows(logp)  # [..., H, R]
+    n_rows = ok.sum(-1).clamp(min=1).to(logp.dtype)  # [..., H]
     scaled = torch.where(ok[..., None], alpha * logp, torch.full_like(logp, float("-inf")))
-    log_f = (torch.logsumexp(scaled, dim=1) - n_rows.log()[:, None]) / alpha
+    log_f = (torch.logsumexp(scaled, dim=-2) - n_rows.log()[..., None]) / alpha
     return log_f - torch.logsumexp(log_f, dim=-1, keepdim=True)
 
 
 def prior(key_norms: torch.Tensor, p: SelectorParams) -> torch.Tensor:
-    """log r [H, N]: small-norm keys and older positions favoured, normalised over the domain."""
+    """log r [..., H, N]: small-norm keys and older positions favoured, normalised over the domain."""
     n = key_norms.shape[-1]
     u = (torch.arange(n, dtype=torch.float32, device=key_norms.device) / max(n - 1, 1)).clamp(0, 1)
     log_pi = -p.gamma * key_norms.float().clamp(min=EPS).log()
     log_delta = -p.pos_beta * u.pow(max(p.pos_p, 1.0)) + p.pos_eta * (1 - u).clamp(min=EPS).log()
-    log_r = p.w_l2 * log_pi + p.w_pos * log_delta[None]
+    log_r = p.w_l2 * log_pi + p.w_pos * log_delta
     return log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
 
 
 def mix_weight(log_f: torch.Tensor, log_r: torch.Tensor, lam_max: float) -> torch.Tensor:
-    """lam [H]: the mixture (1 - lam) f + lam r of smallest squared norm, clamped to [0, lam_max]."""
+    """lam [..., H]: the mixture (1 - lam) f + lam r of smallest squared norm, clamped to [0, lam_max]."""
     f, r = log_f.exp(), log_r.exp()
     ff, fr, rr = (f * f).sum(-1), (f * r).sum(-1), (r * r).sum(-1)
     lam = (ff - fr) / (ff - 2 * fr + rr).clamp(min=EPS)
@@ -84,35 +85,37 @@ def mix_weight(log_f: torch.Tensor, log_r: torch.Tensor, lam_max: float) -> torc
 
 def fuse(log_f: torch.Tensor, log_r: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """s = log((1 - lam) f + lam r), renormalised; computed in log space."""
-    a = torch.log1p(-lam)[:, None] + log_f
-    b = torch.where(lam[:, None] > 0, lam.clamp(min=EPS).log()[:, None] + log_r, torch.full_like(log_r, -math.inf))
+    lam = lam[..., None]
+    a = torch.log1p(-lam) + log_f
+    b = torch.where(lam > 0, lam.clamp(min=EPS).log() + log_r, torch.full_like(log_r, -math.inf))
     s = torch.logaddexp(a, b)
     return s - torch.logsumexp(s, dim=-1, keepdim=True)
 
 
 def soft_nms(s: torch.Tensor, radius: int, strength: float) -> torch.Tensor:
     """s' = s - strength * max(m - s, 0), m the max of s within +-radius positions: never raises a score."""
-    m = F.max_pool1d(s[:, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[:, 0]
+    flat = s.reshape(-1, 1, s.shape[-1])
+    m = F.max_pool1d(flat, kernel_size=2 * radius + 1, stride=1, padding=radius).reshape(s.shape)
     return s - strength * (m - s).clamp(min=0)
 
 
 def exclusivity(s: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
     """Down-weight tokens several KV heads want: s + weight * log softmax_h(s / T). Skipped for H <= 2."""
-    if s.shape[0] <= 2:
+    if s.shape[-2] <= 2:
         return s
-    rho = torch.softmax(s / temperature, dim=0)
+    rho = torch.softmax(s / temperature, dim=-2)
     return s + weight * rho.clamp(min=EPS).log()
 
 
 def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
-    """[H, min(k, N)] positions of the k best scores per head, ties to the lower position, sorted ascending."""
+    """[..., H, min(k, N)] positions of the k best scores per head, ties to the lower position, sorted ascending."""
     k = min(k, score.shape[-1])
-    order = torch.sort(-score, dim=-1, stable=True).indices[:, :k]
+    order = torch.sort(-score, dim=-1, stable=True).indices[..., :k]
     return torch.sort(order, dim=-1).values
 
 
 def scores(z: torch.Tensor, key_norms: torch.Tensor, p: SelectorParams) -> torch.Tensor:
-    """The final per-position score s'' [H, N] from logits z [H, R, N] and key norms [H, N]."""
+    """The final per-position score s'' [..., H, N] from logits z [..., H, R, N] and key norms [..., H, N]."""
     z = z.float()
     logp = row_log_dist(z)
     log_f = power_mean(logp, p.alpha if p.use_power_mean else 1.0)
@@ -130,7 +133,7 @@ def scores(z: torch.Tensor, key_norms: torch.Tensor, p: SelectorParams) -> torch
 
 
 def select(z: torch.Tensor, key_norms: torch.Tensor, k: int, p: SelectorParams) -> torch.Tensor:
-    """SFI selection: [H, min(k, N)] domain positions per KV head."""
+    """SFI selection: [..., H, min(k, N)] domain positions per KV head."""
     return top_positions(scores(z, key_norms, p), k)
 
 

@@ -162,7 +162,8 @@ def bench_command(
         raise typer.BadParameter(f"{batch!r}: use a comma-separated list like 1,4", param_hint="--batch") from None
     reporter = Reporter(quiet)
     config = load_config(recipe, list(set_ or []))
-    result = run_bench(preset, _contexts(ctx), batches, new_tokens, config.sfi, hf=hf, progress=reporter.message)
+    result = run_bench(preset, _contexts(ctx), batches, new_tokens, config.sfi, hf=hf, progress=reporter.message,
+                       cuda_graphs=config.decode.cuda_graphs)
     if json_out is not None:
         write_json(json_out, result)
     if csv_out is not None:

@@ -33,7 +33,18 @@ def test_trials_are_seeded_sized_and_hold_their_needles(lm, task):
     else:
         assert a.answer.isdigit() and a.answer in text
         if task == "vartrack":
-            assert text.count("VAR ") >= 4  # three assignments and the question
+            assert text.count("VAR ") >= 4  # three assignments and the answer prefix
+            assert len(a.chain) == 3 and all(f"VAR {name} =" in text for name in a.chain)
+        assert text.rstrip().endswith(("number", "is", "VAR"))  # the answer prefix ends the prompt
+
+
+def test_scoring():
+    from sfi.eval import Trial
+
+    key = Trial("passkey", 10, [1], answer="12345")
+    assert key.score(" 12345.") and not key.score(" 1234.")
+    var = Trial("vartrack", 10, [1], answer="12345", chain=("X100", "X200", "X300"))
+    assert var.score(" X200, VAR X100") and not var.score(" X999, VAR X100") and not var.score(" none")
 
 
 def test_recipe_specs_with_overrides():

@@ -143,3 +143,15 @@ def test_params_follow_the_recipe_config():
 
     assert S.SelectorParams.from_config(SfiConfig()) == S.SelectorParams()  # same defaults in both places
     assert S.SelectorParams.from_config(SfiConfig(alpha=0.25, use_nms=False)).alpha == 0.25
+
+
+def test_leading_dimensions_are_independent_problems():
+    """A refresh selects for every layer at once: the same picks as one layer at a time."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 4, 6, 200, generator=g) * 3  # [L, H, R, N]
+    norms = torch.rand(5, 4, 200, generator=g) + 0.5
+    params = S.SelectorParams()
+    batched = S.select(z, norms, 32, params)
+    assert batched.shape == (5, 4, 32)
+    for layer in range(5):
+        assert torch.equal(batched[layer], S.select(z[layer], norms[layer], 32, params))

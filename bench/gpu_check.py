@@ -1,0 +1,92 @@
+"""GPU checks for the static/CUDA-graph decode path, run on the device machine:
+graph vs op-by-op tokens, graph determinism, graphs on/off step time, refresh cost. JSON to argv[1]."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from sfi.bench import bench_ours, random_model
+from sfi.boundary import FixedPeriod
+from sfi.config import SfiConfig
+from sfi.decoder import Request, generate
+from sfi.runtime import SfiRuntime
+from sfi.sampling import RowSampler, SamplingParams
+from sfi.stopping import StopChecker
+
+
+def decode(model, prompts, new, cfg, **kw):
+    reqs = [Request(p, RowSampler(SamplingParams(), 0), StopChecker(None, (), (), new)) for p in prompts]
+    runtime = None
+    if cfg is not None:
+        runtime = SfiRuntime(cfg, FixedPeriod(9), len(reqs), model.args.kv_bytes_per_token(model.dtype))
+        for row, state in enumerate(runtime.state):
+            state.last_slow = -3 * row
+    kinds = []
+    for e in generate(model, reqs, prefill_chunk=1024, runtime=runtime, **kw):
+        kinds += getattr(e, "kinds", None) or []
+    return [r.stopper.token_ids for r in reqs], kinds
+
+
+def agreement(a, b):
+    same = [x == y for ra, rb in zip(a, b, strict=False) for x, y in zip(ra, rb, strict=False)]
+    first = [next((i for i, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y), len(ra)) for ra, rb in zip(a, b, strict=False)]
+    return {"token_match": sum(same) / len(same), "first_divergence": first}
+
+
+def main() -> None:
+    out: dict = {"device": torch.cuda.get_device_name()}
+    dev = torch.device("cuda")
+    model = random_model("qwen3-4b", 8192, dev, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in (3000, 2500, 3400)]
+    cfg = SfiConfig(k_head=256, recent=128)
+    for name, c in (("dense", None), ("sfi", cfg)):
+        eager, k1 = decode(model, prompts, 40, c, static=False)
+        graph, k2 = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
+        again, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
+        nograph, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=False)
+        out[name] = {"graph_vs_op_by_op": agreement(graph, eager), "graph_repeat_identical": graph == again,
+                     "graph_vs_static_no_graph": agreement(graph, nograph), "kinds_equal": k1 == k2,
+                     "slow": k2.count("slow"), "fast": k2.count("fast")}
+        print(name, out[name], flush=True)
+    # step time, graphs on and off
+    for ctx, batch in ((8192, 1), (8192, 4)):
+        for graphs in (False, True):
+            for name, c in (("dense", None), ("sfi", SfiConfig())):
+                r = bench_ours(model, ctx, batch, 64, c, cuda_graphs=graphs)
+                key = f"{name}_{ctx}x{batch}_{'graphs' if graphs else 'nographs'}"
+                out[key] = {k: r[k] for k in ("tok_s", "step_ms_p50", "step_ms_p90", "graph_captures", "timed_steps")}
+                print(key, out[key], flush=True)
+    # refresh cost: one row, all layers, batched Selector + compaction
+    cfg = SfiConfig()
+    for ctx in (8192, 32768):
+        model_ctx = model
+        cache = model_ctx.new_cache(1, ctx)
+        cache.k.normal_()
+        cache.v.normal_()
+        from sfi.memory import SparseMemory
+        a = model.args
+        rt = SfiRuntime(cfg, FixedPeriod(9), 1, 1)
+        rt.attach(SparseMemory(a.n_layers, 1, a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim, model.dtype, dev), cache)
+        q = torch.randn(a.n_layers, a.n_heads, a.head_dim, device=dev, dtype=model.dtype)
+        cap = rt._domain(0, ctx)
+        for _ in range(2):
+            rt.refresh_layers(0, q, cap.lo, cap.hi, 0.088)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            rt.refresh_layers(0, q, cap.lo, cap.hi, 0.088)
+        torch.cuda.synchronize()
+        out[f"refresh_ms_{ctx}"] = 1e3 * (time.perf_counter() - t) / 5
+        print("refresh", ctx, out[f"refresh_ms_{ctx}"], flush=True)
+        del cache
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
