@@ -32,8 +32,10 @@ def decode(model, prompts, new, cfg, **kw):
 
 
 def agreement(a, b):
-    same = [x == y for ra, rb in zip(a, b, strict=False) for x, y in zip(ra, rb, strict=False)]
-    first = [next((i for i, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y), len(ra)) for ra, rb in zip(a, b, strict=False)]
+    same = [x == y for ra, rb in zip(a, b, strict=False)
+            for x, y in zip(ra, rb, strict=False)]
+    first = [next((i for i, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y), len(ra))
+             for ra, rb in zip(a, b, strict=False)]
     return {"token_match": sum(same) / len(same), "first_divergence": first}
 
 

@@ -125,7 +125,7 @@ def _check(q, k_cache, compact_k, rows) -> None:
 
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
                             scale: float | None = None, max_keys: int | None = None,
-                            split: int = 512, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                            split: int = 256, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync."""
     _check(q, k_cache, compact_k, rows)
     if triton is None or not (q.is_cuda or _interpreting()):

@@ -9,8 +9,8 @@ refresh (logits over its domain, Selector, compaction) runs for all layers at on
 refreshed memory before the next step, so this gives the same selections as refreshing layer by layer
 inside the step.
 
-One graph per (batch size, key-split count): the split count is the number of 512-key chunks of the
-longest row, rounded up to a power of two, so a batch growing from 8k to 8k + 512 tokens keeps its
+One graph per (batch size, key-split count): the split count is the number of 256-key chunks of the
+longest row, rounded up to a power of two, so a batch growing from 8k to 8k + 256 tokens keeps its
 graph, and splits past a row's end cost an empty block each.
 """
 
@@ -24,7 +24,7 @@ from .cache import KVCache
 from .memory import SparseMemory
 from .model import DecodeStep, Transformer
 
-SPLIT = 512  # keys per split of the ranged kernel (its default)
+SPLIT = 256  # keys per split of the ranged kernel (its default)
 
 
 def _bucket(n_split: int) -> int:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from sfi_kernels import decode_qkv, rms_norm
+
 from . import attention
 from .cache import KVCache
 from .errors import ModelError
@@ -149,6 +151,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.eps)  # one fused launch, same rounding
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -207,11 +211,19 @@ class Attention(nn.Module):
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                step: DecodeStep) -> torch.Tensor:
         b = x.shape[0]
-        q, k, v = self._qkv(x, cos, sin)  # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
         kc, vc = cache.k[self.layer], cache.v[self.layer]  # [Bc, Hkv, S, D]
-        kc[step.rows, :, step.positions] = k[:, :, 0]
-        vc[step.rows, :, step.positions] = v[:, :, 0]
-        out = attention.decode(self.layer, q[:, :, 0], cache, step, self.scale)  # [B, Hq, D]
+        if x.is_cuda:
+            # cos, sin are the whole rotary tables here: q/k norm, rotary and the cache write in one launch.
+            qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+            eps = self.q_norm.eps if self.q_norm is not None else 0.0
+            q = decode_qkv(self.wqkv(x[:, 0]), qn, kn, eps, cos, sin, kc, vc, step.rows, step.positions,
+                           self.n_heads, self.n_kv_heads)
+        else:
+            q, k, v = self._qkv(x, cos, sin)  # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
+            kc[step.rows, :, step.positions] = k[:, :, 0]
+            vc[step.rows, :, step.positions] = v[:, :, 0]
+            q = q[:, :, 0]
+        out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return self.wo(out.reshape(b, 1, -1))
 
 
@@ -296,8 +308,11 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache, step: DecodeStep) -> torch.Tensor:
         """tokens [B] (one per row of `step`) -> float32 logits [B, V]."""
-        cos = self.rope_cos[step.positions][:, None, None]  # [B, 1, 1, D]
-        sin = self.rope_sin[step.positions][:, None, None]
+        if tokens.is_cuda:  # the fused kernel reads each row's position from the tables itself
+            cos, sin = self.rope_cos, self.rope_sin
+        else:
+            cos = self.rope_cos[step.positions][:, None, None]  # [B, 1, 1, D]
+            sin = self.rope_sin[step.positions][:, None, None]
         h = self.tok_embeddings(tokens[:, None])  # [B, 1, H]
         for layer in self.layers:
             h = layer(h, cos, sin, cache, step)

@@ -1,0 +1,144 @@
+"""Fused small kernels of the decode step, where launches (not bytes) cost the time.
+
+- `rms_norm`: x [M, N] -> RMSNorm(x) * weight, computed as the model does (float32 statistics, the
+  normalised row cast to x's dtype, then scaled by the weight in x's dtype).
+- `decode_qkv`: one decode token per row: from the fused QKV projection [B, (Hq + 2 Hkv) D], apply the
+  optional per-head q/k RMSNorm (Qwen3) and the rotary embedding at each row's position, write K and V
+  into the cache at (rows[b], positions[b]) and return q [B, Hq, D]. One launch instead of about
+  twenty small ones per layer.
+
+Each has a pure-torch reference with the same signature: the CPU path and the tests' ground truth. The
+Triton versions round where the reference rounds (products and sums cast to the model dtype), so the
+rotary part is exact; the norms differ only by float32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
+                   n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    b, d = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.view(b, n_heads + 2 * n_kv_heads, d).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
+    if q_norm is not None:
+        q, k = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
+    cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # [B, 1, D]
+    q, k = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v
+    return q
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    import os
+
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        normed = (xf * inv).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_y + cols, (w * normed).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def _head(x_ptr, w_ptr, cos_ptr, sin_ptr, eps, HAS_NORM: tl.constexpr, D: tl.constexpr):
+        """One head of D values: optional RMSNorm, then the rotary embedding, in x's dtype."""
+        d = tl.arange(0, D)
+        half: tl.constexpr = D // 2
+        partner = tl.where(d < half, d + half, d - half)
+        x = tl.load(x_ptr + d)
+        xp = tl.load(x_ptr + partner)
+        dt = x.dtype
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+            w = tl.load(w_ptr + d).to(tl.float32)
+            wp = tl.load(w_ptr + partner).to(tl.float32)
+            x = (w * (xf * inv).to(dt).to(tl.float32)).to(dt)
+            xp = (wp * (xp.to(tl.float32) * inv).to(dt).to(tl.float32)).to(dt)
+        rot = tl.where(d < half, -xp.to(tl.float32), xp.to(tl.float32)).to(dt)
+        cos = tl.load(cos_ptr + d).to(tl.float32)
+        sin = tl.load(sin_ptr + d).to(tl.float32)
+        a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+        b = (rot.to(tl.float32) * sin).to(dt).to(tl.float32)
+        return (a + b).to(dt)
+
+    @triton.jit
+    def _decode_qkv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, q_ptr,
+                           stride_qkv, stride_cb, stride_ch, stride_cs, stride_q, eps,
+                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        d = tl.arange(0, D)
+        src = qkv_ptr + b * stride_qkv + h * D
+        if h < HQ:
+            out = _head(src, qn_ptr, cos_ptr + pos * D, sin_ptr + pos * D, eps, HAS_NORM, D)
+            tl.store(q_ptr + b * stride_q + h * D + d, out)
+        else:
+            kh = h - HQ
+            out = _head(src, kn_ptr, cos_ptr + pos * D, sin_ptr + pos * D, eps, HAS_NORM, D)
+            row = tl.load(rows_ptr + b).to(tl.int64)
+            dst = row * stride_cb + kh * stride_ch + pos * stride_cs + d
+            tl.store(kc_ptr + dst, out)
+            v = tl.load(qkv_ptr + b * stride_qkv + (HQ + HKV + kh) * D + d)
+            tl.store(vc_ptr + dst, v)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (see the module docstring)."""
+    if not _use_triton(x):
+        return rms_norm_ref(x, weight, eps)
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), n, eps,
+                                     BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4)
+    return y.view(x.shape)
+
+
+def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
+               n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """See the module docstring. qkv [B, (Hq + 2 Hkv) D]; cos/sin tables [S, D]; caches [Bc, Hkv, S, D]
+    (one layer); rows, positions [B] -> q [B, Hq, D]."""
+    d = k_cache.shape[-1]
+    if not _use_triton(qkv) or d & (d - 1) or qkv.stride(-1) != 1:
+        return decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
+                              n_heads, n_kv_heads)
+    b = qkv.shape[0]
+    q = torch.empty(b, n_heads, d, dtype=qkv.dtype, device=qkv.device)
+    has_norm = q_norm is not None
+    _decode_qkv_kernel[(b, n_heads + n_kv_heads)](
+        qkv, q_norm if has_norm else qkv, k_norm if has_norm else qkv, cos_table, sin_table, k_cache, v_cache,
+        rows, positions, q, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
+        eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, num_warps=1)
+    return q

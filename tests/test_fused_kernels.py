@@ -1,0 +1,62 @@
+"""Fused decode kernels (Triton; interpreted on CPU) against their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfi_kernels import decode_qkv, decode_qkv_ref, rms_norm, rms_norm_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's interpreter casts float32 to bfloat16 by truncation, the GPU (and torch) round to nearest even:
+# on CPU, bfloat16 results may differ by one unit in the last place.
+BF16_ULP = dict(rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 576, 2560])
+def test_rms_norm(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(7, n, generator=g) * 3).to(DEVICE, dtype)
+    w = (torch.rand(n, generator=g) + 0.5).to(DEVICE, dtype)
+    got, ref = rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    # float32 statistics summed in another order: at most one rounding step of the output dtype apart
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_ULP
+    torch.testing.assert_close(got, ref, **tol)
+    if dtype == torch.bfloat16 and DEVICE == "cuda":
+        assert (got == ref).float().mean() > 0.95  # mostly bit-identical; the rest one rounding apart
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d,norm", [(12, 3, 128, True), (8, 8, 64, False), (4, 1, 64, True), (9, 3, 64, False)])
+def test_decode_qkv(hq, hkv, d, norm, dtype):
+    g = torch.Generator().manual_seed(hq * d)
+    b, bc, s = 3, 4, 40
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
+    qn = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype) if norm else None
+    kn = (torch.rand(d, generator=g) + 0.5).to(DEVICE, dtype) if norm else None
+    angles = torch.arange(s)[:, None] * torch.rand(d // 2, generator=g)[None]
+    cos = torch.cat([angles.cos()] * 2, -1).to(DEVICE, dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(DEVICE, dtype)
+    rows = torch.tensor([2, 0, 3], device=DEVICE)
+    positions = torch.tensor([5, 39, 0], device=DEVICE)
+    caches = []
+    for _ in range(2):
+        kc = torch.full((bc, hkv, s, d), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
+        caches.append((kc, kc.clone()))
+    q = decode_qkv(qkv, qn, kn, 1e-6, cos, sin, *caches[0], rows, positions, hq, hkv)
+    q_ref = decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *caches[1], rows, positions, hq, hkv)
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-5, atol=1e-5)
+    elif not norm and DEVICE == "cuda":
+        tol = dict(rtol=0, atol=0)  # the rotary part rounds exactly where the reference rounds
+    else:
+        tol = dict(rtol=3e-2, atol=3e-2)  # a norm's summation order and/or the interpreter's bf16 casts
+    torch.testing.assert_close(q, q_ref, **tol)
+    for got, ref in zip(caches[0], caches[1], strict=True):
+        written = torch.zeros(bc, s, dtype=torch.bool)
+        written[rows.cpu(), positions.cpu()] = True
+        torch.testing.assert_close(got.transpose(1, 2)[written.to(DEVICE)], ref.transpose(1, 2)[written.to(DEVICE)],
+                                   **tol)
+        assert got.transpose(1, 2)[~written.to(DEVICE)].isnan().all()  # nothing else touched
