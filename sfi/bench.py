@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import json
 import statistics
@@ -242,6 +243,7 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
                 report["runs"].append(row)
                 continue
             finally:
+                gc.collect()  # the finished batch's cache and graphs, before the next batch allocates
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             if bandwidth:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sfi_kernels import domain_logits, domain_logits_ref
+
 from .boundary import Boundary, BoundaryState
 from .config import SfiConfig
 from .memory import SparseMemory
@@ -112,14 +114,13 @@ class SfiRuntime:
         The same math as one `refresh` per layer, in a few launches instead of a few per layer."""
         cache, memory = self.cache, self.memory
         n_layers, hkv = cache.k.shape[0], cache.k.shape[2]
-        hq, d = q.shape[1], q.shape[2]
         if hi <= lo:
             picks = torch.empty(n_layers, hkv, 0, dtype=torch.long, device=q.device)
         else:
-            keys = cache.k[:, row, :, lo:hi].float()  # [L, Hkv, N, D]
-            qg = q.float().reshape(n_layers, hkv, hq // hkv, d)  # query heads h*G..h*G+G-1 share KV head h
-            z = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [L, Hkv, G, N]
-            picks = self.selector(z, keys.norm(dim=-1), self.cfg.k_head, self.params)
+            # z [L, Hkv, G, N]: query heads h*G..h*G+G-1 share KV head h; on a GPU one kernel reads each key once.
+            z, norms = domain_logits(q, cache.k, row, lo, hi, scale) if q.is_cuda else \
+                domain_logits_ref(q, cache.k, row, lo, hi, scale)
+            picks = self.selector(z, norms, self.cfg.k_head, self.params)
         memory.write_layers(row, cache, lo, picks)
 
     def bootstrap(self, row: int, prompt_len: int) -> Capture | None:
