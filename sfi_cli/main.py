@@ -5,6 +5,7 @@ Exit codes: 0 every job succeeded; 1 usage or configuration error; 2 some jobs f
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Annotated
 import typer
 
 from sfi.config import available_recipes, load_config, recipes_dir, with_generation
-from sfi.errors import SfiError
+from sfi.errors import ConfigError, SfiError
 
 from .options import Compare, Device, Dtype, Model, OutputFormat, Quiet, Recipe, Report, Set, Truncate
 from .render import Reporter, write_report
@@ -147,6 +148,8 @@ def bench_command(
                                                   show_default=False)] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Append one line per configuration.",
                                                  show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Draw tok/s against context as a PNG (sfi[plot]).",
+                                              show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Decode throughput of SFI against dense decoding, transformers.generate and the bandwidth limit."""
@@ -168,8 +171,31 @@ def bench_command(
         write_json(json_out, result)
     if csv_out is not None:
         append_csv(csv_out, result)
+    if plot is not None:
+        from sfi.plot import plot_bench
+
+        plot_bench([result], plot)
     if not quiet:
         bench_table(result, reporter.console)
+
+
+@app.command("plot")
+def plot_command(
+    results: Annotated[list[Path], typer.Argument(help="JSON files written by `sfi bench --json`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("bench.png"),
+) -> None:
+    """Draw saved `sfi bench` results (several files are merged) as a PNG."""
+    from sfi.plot import plot_bench
+
+    loaded = []
+    for path in results:
+        try:
+            loaded.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a readable sfi bench JSON file ({exc})") from None
+        if not isinstance(loaded[-1], dict) or "runs" not in loaded[-1]:
+            raise ConfigError(f"{path}: not an sfi bench result (no 'runs')")
+    plot_bench(loaded, output)
 
 
 @app.command("recipes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ class Reporter:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        # Wide enough for the bench table when stderr is a log file rather than a terminal.
+        self.console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
         self.tty = self.console.is_terminal
         self.progress: Progress | None = None
         self.task = None

@@ -11,7 +11,8 @@ from sfi_cli.main import main
 def test_bench_tiny_preset_writes_json_and_csv(tmp_path, capsys):
     out, table = tmp_path / "bench.json", tmp_path / "bench.csv"
     argv = ["bench", "--preset", "qwen3-tiny", "--ctx", "300", "--batch", "1,2", "--new-tokens", "60",
-            "--set", "sfi.k_head=32", "--set", "sfi.recent=16", "--json", str(out), "--csv", str(table)]
+            "--set", "sfi.k_head=32", "--set", "sfi.recent=16", "--json", str(out), "--csv", str(table),
+            "--plot", str(tmp_path / "bench.png")]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["parity"]["argmax_agreement"] == 1.0
@@ -26,3 +27,9 @@ def test_bench_tiny_preset_writes_json_and_csv(tmp_path, capsys):
     lines = list(csv.DictReader(table.open()))
     assert len(lines) == 4 and {line["batch"] for line in lines} == {"1", "2"}
     assert "sfi bench" in capsys.readouterr().err
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # saved results plot later, merged
+    assert main(["plot", str(out), str(out), "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    assert main(["plot", str(table), "-o", str(tmp_path / "bad.png")]) == 1  # a CSV is not a bench JSON
+    assert "not a readable sfi bench JSON" in capsys.readouterr().err
