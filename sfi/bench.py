@@ -184,9 +184,6 @@ def bench_hf(preset: str, ctx: int, batch: int, new_tokens: int, device: torch.d
 
 def check_parity(preset: str, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Our logits against transformers' on the same random weights, on this device and dtype."""
-
-    from .model import PrefillStep
-
     model = random_model(preset, 512, device, dtype, seed=1)
     hf = hf_model(preset, 512, device, dtype)
     ours = dict(model.named_parameters())
@@ -194,14 +191,21 @@ def check_parity(preset: str, device: torch.device, dtype: torch.dtype) -> dict[
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(_hf_view(name, ours, model.args, hd))
-    ids = torch.randint(0, model.args.vocab_size, (256,), device=device)
-    got = model.prefill(ids, model.new_cache(1, 256), PrefillStep(0, 0, 256), all_logits=True)
+    result = compare_logits(model, hf)
+    del hf, model
+    return result
+
+
+def compare_logits(model: Transformer, hf: Any, n: int = 256) -> dict[str, float]:
+    """Relative error and argmax agreement of our prefill logits against a transformers model's."""
+    from .model import PrefillStep
+
+    ids = torch.randint(0, model.args.vocab_size, (n,), device=model.device)
+    got = model.prefill(ids, model.new_cache(1, n), PrefillStep(0, 0, n), all_logits=True)
     with torch.no_grad():
         ref = hf(ids[None]).logits[0].float()
-    rel = ((got - ref).norm() / ref.norm()).item()
-    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    del hf, model
-    return {"rel_err": rel, "argmax_agreement": agree}
+    return {"rel_err": ((got - ref).norm() / ref.norm()).item(),
+            "argmax_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 def _hf_view(name: str, ours: dict[str, torch.Tensor], args: ModelArgs, hd: int) -> torch.Tensor:
@@ -216,21 +220,35 @@ def _hf_view(name: str, ours: dict[str, torch.Tensor], args: ModelArgs, hd: int)
 
 
 def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_tokens: int, sfi: SfiConfig,
-              hf: bool = True, progress=None, cuda_graphs: bool = True) -> dict[str, Any]:
-    """Every (context, batch): SFI, dense and (optionally) transformers.generate, with the roofline."""
+              hf: bool = True, progress=None, cuda_graphs: bool = True,
+              model_spec: str | None = None) -> dict[str, Any]:
+    """Every (context, batch): SFI, dense and (optionally) transformers.generate, with the roofline.
+    With `model_spec` a real checkpoint (any `--model` form) replaces the preset's random weights."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bandwidth = measure_copy_bandwidth(device)
+    lm = None
+    if model_spec is not None:
+        from .loader import load_model
+
+        lm = load_model(model_spec, device.type, str(dtype).removeprefix("torch."))
+        preset = lm.name
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "preset": preset,
+        "weights": "checkpoint" if lm is not None else "random",
         "dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens, "torch": torch.__version__,
         "copy_bandwidth_GBps": bandwidth / 1e9, "sfi": dataclasses.asdict(sfi),
-        "cuda_graphs": cuda_graphs and device.type == "cuda",
-        "parity": check_parity(preset, device, dtype), "runs": []}
+        "cuda_graphs": cuda_graphs and device.type == "cuda", "runs": []}
+    report["parity"] = check_parity(preset, device, dtype) if lm is None else None
     say = progress or (lambda text: None)
     say(json.dumps({k: report[k] for k in ("device", "copy_bandwidth_GBps", "parity")}))
     for ctx in ctxs:
-        model = random_model(preset, ctx, device, dtype)
+        if lm is not None and ctx + new_tokens > lm.max_context:
+            for batch in batches:
+                report["runs"].append({"ctx": ctx, "batch": batch,
+                                       "error": f"past the model's {lm.max_context}-token context"})
+            continue
+        model = lm.model if lm is not None else random_model(preset, ctx, device, dtype)
         bpt = model.args.kv_bytes_per_token(dtype)
         for batch in batches:
             row: dict[str, Any] = {"ctx": ctx, "batch": batch}
@@ -257,18 +275,22 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
             report["runs"].append(row)
         del model
         if hf:
-            _bench_hf_rows(preset, ctx, [r for r in report["runs"] if r["ctx"] == ctx and "error" not in r],
-                           new_tokens, device, dtype, say)
+            rows = [r for r in report["runs"] if r["ctx"] == ctx and "error" not in r]
+            _bench_hf_rows(preset, ctx, rows, new_tokens, device, dtype, say, lm)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return report
 
 
-def _bench_hf_rows(preset, ctx, rows, new_tokens, device, dtype, say) -> None:
-
+def _bench_hf_rows(preset, ctx, rows, new_tokens, device, dtype, say, lm=None) -> None:
     if not rows:
         return
-    hf = hf_model(preset, ctx, device, dtype)
+    if lm is None:
+        hf = hf_model(preset, ctx, device, dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     for row in rows:
         try:
             row["hf_generate"] = bench_hf(preset, ctx, row["batch"], new_tokens, device, dtype, hf)

@@ -140,6 +140,11 @@ def bench_command(
     batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,4.")] = "1",
     preset: Annotated[str, typer.Option(help="Built-in architecture with seeded random weights "
                                               "(qwen3-4b, qwen3-tiny).")] = "qwen3-4b",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Bench a real checkpoint (any `sfi run "
+                                              "--model` form) instead of a preset's random weights.",
+                                              show_default=False)] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Use the preset's seeded random "
+                                                 "weights (the default without --model).")] = False,
     new_tokens: Annotated[int, typer.Option(min=8, help="Tokens decoded per row.")] = 256,
     recipe: Recipe = "default",
     set_: Set = None,
@@ -165,8 +170,10 @@ def bench_command(
         raise typer.BadParameter(f"{batch!r}: use a comma-separated list like 1,4", param_hint="--batch") from None
     reporter = Reporter(quiet)
     config = load_config(recipe, list(set_ or []))
+    if model is not None and random_weights:
+        raise typer.BadParameter("--model and --random-weights exclude each other", param_hint="--model")
     result = run_bench(preset, _contexts(ctx), batches, new_tokens, config.sfi, hf=hf, progress=reporter.message,
-                       cuda_graphs=config.decode.cuda_graphs)
+                       cuda_graphs=config.decode.cuda_graphs, model_spec=model)
     if json_out is not None:
         write_json(json_out, result)
     if csv_out is not None:

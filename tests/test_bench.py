@@ -33,3 +33,19 @@ def test_bench_tiny_preset_writes_json_and_csv(tmp_path, capsys):
     assert (tmp_path / "again.png").stat().st_size > 10_000
     assert main(["plot", str(table), "-o", str(tmp_path / "bad.png")]) == 1  # a CSV is not a bench JSON
     assert "not a readable sfi bench JSON" in capsys.readouterr().err
+
+
+def test_bench_a_real_checkpoint(tmp_path):
+    import tiny
+
+    folder = tiny.make_checkpoint(tmp_path / "ckpt", "llama", seed=2)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(folder), "--ctx", "200,100000", "--batch", "1", "--new-tokens", "40",
+            "--set", "sfi.k_head=32", "--set", "sfi.recent=16", "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["weights"] == "checkpoint" and result["preset"] == str(folder)
+    ok, too_long = result["runs"]
+    assert ok["sfi"]["tok_s"] > 0 and ok["hf_generate"]["tok_s"] > 0 and ok["sfi"]["attended_fraction"] < 0.6
+    assert "context" in too_long["error"]
+    assert main(["bench", "--model", str(folder), "--random-weights"]) == 1
