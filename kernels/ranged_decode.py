@@ -113,6 +113,32 @@ if triton is not None:
         tl.store(part_lse_ptr + p_off, lse, mask=gmask)
 
 
+    @triton.jit
+    def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, n_split,
+                             D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One (row, head): combine the splits' partial outputs by their log-sum-exp; empty splits carry -inf."""
+        bh = tl.program_id(0)
+        d = tl.arange(0, D)
+        m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for start in range(0, n_split, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)
+            m = tl.maximum(m, tl.load(part_lse_ptr + bh * n_split + s, mask=s < n_split, other=float("-inf")))
+        m_all = tl.max(m, axis=0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        acc = tl.zeros([D], tl.float32)
+        denom = 0.0
+        for start in range(0, n_split, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)
+            smask = s < n_split
+            w = tl.exp(tl.load(part_lse_ptr + bh * n_split + s, mask=smask, other=float("-inf")) - m_safe)
+            o = tl.load(part_o_ptr + (bh * n_split + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+            acc += tl.sum(o * w[:, None], axis=0)
+            denom += tl.sum(w, axis=0)
+        out = acc / tl.where(denom > 0, denom, 1.0)
+        tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(lse_ptr + bh, tl.where(denom > 0, m_safe + tl.log(denom), float("-inf")))
+
+
 def _check(q, k_cache, compact_k, rows) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or compact_k.dim() != 4:
         raise ValueError(f"expected q [B, Hq, D], caches [Bc, Hkv, S, D]; got q {tuple(q.shape)}, "
@@ -154,10 +180,11 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         # exact (ieee) products, since tf32 would round their mantissas.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )
-    lse = torch.logsumexp(part_lse, dim=-1)  # [B, Hq]
-    weights = torch.exp(part_lse - lse[..., None]).nan_to_num(0.0)  # empty splits carry -inf
-    out = (part_o * weights[..., None]).sum(dim=2)
-    return out.to(q.dtype), lse
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    _merge_splits_kernel[(b * hq,)](part_o, part_lse, out, lse, n_split, D=d,
+                                    BLOCK_S=min(max(triton.next_power_of_2(n_split), 2), 64), num_warps=4)
+    return out, lse
 
 
 def _interpreting() -> bool:
