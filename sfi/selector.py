@@ -108,10 +108,22 @@ def exclusivity(s: torch.Tensor, temperature: float, weight: float) -> torch.Ten
 
 
 def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
-    """[..., H, min(k, N)] positions of the k best scores per head, ties to the lower position, sorted ascending."""
-    k = min(k, score.shape[-1])
-    order = torch.sort(-score, dim=-1, stable=True).indices[..., :k]
-    return torch.sort(order, dim=-1).values
+    """[..., H, min(k, N)] positions of the k best scores per head, ties to the lower position, sorted ascending.
+
+    The k-th best value from a top-k (no full sort), then every position above it and the lowest tied
+    positions at it: exactly k per head, the same set a stable sort would pick."""
+    n = score.shape[-1]
+    k = min(k, n)
+    if k == n:
+        return torch.arange(n, device=score.device).expand(*score.shape[:-1], n)
+    if k == 0:
+        return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
+    kth = torch.topk(score, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = score > kth
+    tied = score == kth
+    room = k - above.sum(dim=-1, keepdim=True)
+    keep = above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
+    return keep.nonzero()[:, -1].reshape(*score.shape[:-1], k)
 
 
 def scores(z: torch.Tensor, key_norms: torch.Tensor, p: SelectorParams) -> torch.Tensor:

@@ -155,3 +155,14 @@ def test_leading_dimensions_are_independent_problems():
     assert batched.shape == (5, 4, 32)
     for layer in range(5):
         assert torch.equal(batched[layer], S.select(z[layer], norms[layer], 32, params))
+
+
+def test_top_positions_equals_a_stable_sort():
+    """The top-k threshold path picks exactly the set a stable descending sort would, ties included."""
+    g = torch.Generator().manual_seed(7)
+    for k in (1, 5, 37, 64):
+        score = torch.randint(-4, 4, (3, 4, 64), generator=g).float()  # many ties
+        score[0, 0, :10] = float("-inf")
+        want = torch.sort(torch.sort(-score, dim=-1, stable=True).indices[..., :k], dim=-1).values
+        assert torch.equal(S.top_positions(score, k), want)
+    assert S.top_positions(torch.ones(2, 3), 0).shape == (2, 0)
