@@ -151,7 +151,8 @@ def _check(q, k_cache, compact_k, rows) -> None:
 
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
                             scale: float | None = None, max_keys: int | None = None,
-                            split: int = 256, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                            split: int = 256, block_n: int = 64, num_warps: int = 4,
+                            num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync."""
     _check(q, k_cache, compact_k, rows)
     if triton is None or not (q.is_cuda or _interpreting()):
@@ -178,7 +179,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 16), D=d, BLOCK_N=block_n,
         # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
         # exact (ieee) products, since tf32 would round their mantissas.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
