@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import ranged_decode_attention
 
 
