@@ -8,7 +8,7 @@ same signature. The references are the ground truth in tests and the CPU fallbac
 from .decode_attention import decode_attention, decode_attention_ref
 from .domain_logits import domain_logits, domain_logits_ref
 from .fused import decode_qkv, decode_qkv_ref, rms_norm, rms_norm_ref
-from .ranged_decode import ranged_decode_attention, ranged_decode_attention_ref
+from .ranged_decode import default_split, ranged_decode_attention, ranged_decode_attention_ref
 
-__all__ = ["decode_attention", "decode_attention_ref", "decode_qkv", "decode_qkv_ref", "domain_logits",
+__all__ = ["decode_attention", "default_split", "decode_attention_ref", "decode_qkv", "decode_qkv_ref", "domain_logits",
            "domain_logits_ref", "ranged_decode_attention", "ranged_decode_attention_ref", "rms_norm", "rms_norm_ref"]

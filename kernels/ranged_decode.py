@@ -149,9 +149,15 @@ def _check(q, k_cache, compact_k, rows) -> None:
         raise ValueError(f"expected rows [{q.shape[0]}], got {tuple(rows.shape)}")
 
 
+def default_split(max_keys: int) -> int:
+    """Keys per split: short rows keep more splits (fills the GPU at batch 1), long rows fewer, longer ones
+    (H100 sweep, bench/results/2026-11-22-h100-ranged-kernel-sweep.json)."""
+    return 512 if max_keys > 16384 else 256
+
+
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
                             scale: float | None = None, max_keys: int | None = None,
-                            split: int = 256, block_n: int = 64, num_warps: int = 4,
+                            split: int | None = None, block_n: int = 32, num_warps: int = 4,
                             num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync."""
     _check(q, k_cache, compact_k, rows)
@@ -164,6 +170,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if max_keys is None:
         max_keys = int((compact_len + span_len).max())
+    split = split or default_split(max_keys)
     n_split = max(1, triton.cdiv(max_keys, split))
     part_o = torch.empty(b, hq, n_split, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, n_split, dtype=torch.float32, device=q.device)

@@ -9,9 +9,9 @@ refresh (logits over its domain, Selector, compaction) runs for all layers at on
 refreshed memory before the next step, so this gives the same selections as refreshing layer by layer
 inside the step.
 
-One graph per (batch size, key-split count): the split count is the number of 256-key chunks of the
-longest row, rounded up to a power of two, so a batch growing from 8k to 8k + 256 tokens keeps its
-graph, and splits past a row's end cost an empty block each.
+One graph per (batch size, key-split count): the split count is the number of 256-key (512 past 16k)
+chunks of the longest row, rounded up to a power of two, so a batch growing from 8k to 8k + 256 tokens
+keeps its graph, and splits past a row's end cost an empty block each.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 
 import torch
 
+from sfi_kernels import default_split
+
 from .cache import KVCache
 from .memory import SparseMemory
 from .model import DecodeStep, Transformer
-
-SPLIT = 256  # keys per split of the ranged kernel (its default)
 
 
 def _bucket(n_split: int) -> int:
@@ -84,11 +84,13 @@ class StaticDecoder:
         buf.rows.copy_(dev[1])
         buf.positions.copy_(dev[2])
         buf.meta.copy_(dev[3:])
-        n_split = _bucket(-(-max(c + s for c, s in zip(compact_len, span, strict=True)) // SPLIT))
-        max_keys = n_split * SPLIT
+        longest = max(c + s for c, s in zip(compact_len, span, strict=True))
+        split = default_split(longest)
+        n_split = _bucket(-(-longest // split))
+        max_keys = n_split * split  # the kernel's own split for max_keys is `split` again
         if not self.graphs:
             return self.model.decode(buf.tokens, self.cache, buf.step(self.cache, self.memory, max_keys))
-        key = (b, n_split)
+        key = (b, max_keys)
         self.captured = key not in self._graphs
         if self.captured:
             self._graphs[key] = self._capture(buf, max_keys)
