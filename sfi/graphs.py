@@ -42,6 +42,7 @@ class _Buffers:
                       if keep_queries else None)
         # Host staging, copied in one transfer per step.
         self.host = torch.zeros(7, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.copied: torch.cuda.Event | None = None
 
     def step(self, cache: KVCache, memory: SparseMemory | None, max_keys: int) -> DecodeStep:
         rows, clen, start, span = self.meta.unbind(0)
@@ -77,9 +78,14 @@ class StaticDecoder:
             buf = self._buffers[b] = _Buffers(self.model, b, self.keep_queries)
         span = [p + 1 - s for p, s in zip(positions, span_start, strict=True)]
         host = buf.host
+        if buf.copied is not None:
+            buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
         for i, values in enumerate((tokens, rows, positions, rows, compact_len, span_start, span)):
             host[i] = torch.as_tensor(values, dtype=torch.long)
         dev = host.to(self.model.device, non_blocking=True)
+        if self.model.device.type == "cuda":
+            buf.copied = torch.cuda.Event()
+            buf.copied.record()
         buf.tokens.copy_(dev[0])
         buf.rows.copy_(dev[1])
         buf.positions.copy_(dev[2])
