@@ -8,6 +8,8 @@ import pytest
 
 from sfi.stopping import StopChecker
 
+import tiny
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
     "It was the best of times, it was the worst of times. We met at the café near the river; the café was "
@@ -15,21 +17,9 @@ TEXT = (
     "Every morning the baker opens the shop, sweeps the floor and lights the oven before the sun rises. "
     "Customers arrive early, asking for bread, cakes and strong coffee, and they talk about the weather.\n"
 )
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator([TEXT] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return tiny.tokenizer(TEXT)
 
 
 @pytest.fixture(scope="module")
