@@ -72,7 +72,14 @@ def chunk_starts(length: int, chunk: int, last_at_least: int = 1) -> list[int]:
 
 def prefill_row(model: Transformer, cache: KVCache, row: int, ids: torch.Tensor, chunk: int,
                 bootstrap: Capture | None = None, refresh=None) -> torch.Tensor:
-    """Fill cache row `row` with the prompt `ids` [T], `chunk` tokens at a time; return last logits [V]."""
+    """Fill cache row `row` with the prompt `ids` [T], `chunk` tokens at a time; return last logits [V].
+
+    On a GPU the prompt goes layer by layer with one flash attention call per layer (see
+    `Transformer.prefill_layer_major`); on a CPU, chunk by chunk through all layers."""
+    if ids.is_cuda and len(ids) > chunk:
+        logits = _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh)
+        if logits is not None:
+            return logits
     starts = chunk_starts(len(ids), chunk, bootstrap.batch_index if bootstrap else 1)
     bounds = list(zip(starts, starts[1:] + [len(ids)], strict=True))
     logits = None
@@ -82,6 +89,23 @@ def prefill_row(model: Transformer, cache: KVCache, row: int, ids: torch.Tensor,
         logits = model.prefill(ids[start:end], cache, step)
     assert logits is not None, "empty prompt"
     return logits
+
+
+def _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh) -> torch.Tensor | None:
+    """The layer-major prefill where a fused attention kernel serves it; None if none does (SDPA would fall
+    back to materialising [T, T] scores), and the caller prefills chunk by chunk instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if getattr(model, "flash_prefill_failed", False):
+        return None
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return model.prefill_layer_major(ids, cache, row, chunk, bootstrap, refresh)
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+        model.flash_prefill_failed = True  # fails at the first layer's attention, before any refresh
+        return None
 
 
 def cache_length(requests: Sequence[Request]) -> int:

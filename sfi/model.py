@@ -306,6 +306,37 @@ class Transformer(nn.Module):
         return self._head(h[0]) if all_logits else self._head(h[0, -1])
 
     @torch.inference_mode()
+    def prefill_layer_major(self, tokens: torch.Tensor, cache: KVCache, row: int, chunk: int,
+                            bootstrap: Any = None, refresh: Any = None) -> torch.Tensor:
+        """The whole prompt tokens [T] of one row, one layer at a time: projections and MLP `chunk` tokens
+        at a time (bounded activations), attention over the whole prompt in one causal SDPA call, which
+        runs as a flash kernel on a GPU (no [T, T] scores, no mask). Same result as chunked `prefill`;
+        returns the last position's float32 logits [V]."""
+        t = tokens.shape[0]
+        a = self.args
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        h = self.tok_embeddings(tokens[None])  # [1, T, H]
+        q_all = torch.empty(1, a.n_heads, t, a.head_dim, dtype=h.dtype, device=h.device)
+        bounds = [(s, min(t, s + chunk)) for s in range(0, t, chunk)]
+        for block in self.layers:
+            att = block.attention
+            kc, vc = cache.k[att.layer, row], cache.v[att.layer, row]  # [Hkv, S, D]
+            for s, e in bounds:
+                q, k, v = att._qkv(block.attention_norm(h[:, s:e]), cos[s:e], sin[s:e])
+                q_all[:, :, s:e] = q
+                kc[:, s:e] = k[0]
+                vc[:, s:e] = v[0]
+            out = F.scaled_dot_product_attention(q_all, kc[None, :, :t], vc[None, :, :t], is_causal=True,
+                                                 scale=att.scale, enable_gqa=True)  # [1, Hq, T, D]
+            if bootstrap is not None:
+                w = bootstrap.batch_index
+                attention.bootstrap(att.layer, q_all[0, :, -w:], cache, t, bootstrap, refresh, att.scale)
+            for s, e in bounds:
+                x = h[:, s:e] + att.wo(out[:, :, s:e].transpose(1, 2).reshape(1, e - s, -1))
+                h[:, s:e] = x + block.mlp(block.ffn_norm(x))
+        return self._head(h[0, -1])
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache, step: DecodeStep) -> torch.Tensor:
         """tokens [B] (one per row of `step`) -> float32 logits [B, V]."""
         if tokens.is_cuda:  # the fused kernel reads each row's position from the tables itself

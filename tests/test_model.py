@@ -101,3 +101,32 @@ def test_bfloat16_close_to_float32(tmp_path):
     b = bf16.model.prefill(ids, bf16.model.new_cache(1, 64), PrefillStep(0, 0, 64))
     assert b.dtype == torch.float32
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_layer_major_prefill_equals_chunked(tmp_path):
+    """The GPU prefill (layer by layer, one causal attention call per layer) gives the chunked prefill's
+    logits, cache and bootstrap captures."""
+    from sfi.decoder import prefill_row
+    from sfi.loader import load_model
+    from sfi.runtime import Capture
+
+    lm = load_model(str(tiny.make_checkpoint(tmp_path, "qwen3", seed=4)), device="cpu")
+    ids = torch.tensor(tiny.tokenizer()(tiny.TEXT * 2)["input_ids"][:150])
+    results = []
+    for layer_major in (False, True):
+        cache = lm.model.new_cache(2, 160)
+        captured = []
+        capture = Capture(16, 1, 0, 150)
+        refresh = lambda layer, row, z, out=captured: out.append((layer, row, z))  # noqa: E731
+        if layer_major:
+            logits = lm.model.prefill_layer_major(ids, cache, 1, 64, capture, refresh)
+        else:
+            logits = prefill_row(lm.model, cache, 1, ids, 64, capture, refresh)
+        results.append((logits, cache.k[:, 1, :, :150], cache.v[:, 1, :, :150], captured))
+    (l0, k0, v0, c0), (l1, k1, v1, c1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+    assert [(a, b) for a, b, _ in c1] == [(a, b) for a, b, _ in c0] and len(c0) == lm.args.n_layers
+    for (_, _, z1), (_, _, z0) in zip(c1, c0, strict=True):
+        torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-4)
