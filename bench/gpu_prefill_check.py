@@ -22,29 +22,31 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def main() -> None:
+def one(ctx: int) -> dict:
     dev = torch.device("cuda")
+    model = random_model("qwen3-4b", ctx, dev, torch.bfloat16)
+    ids = torch.randint(0, model.args.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)).to(dev)
+    c1, c2 = model.new_cache(1, ctx), model.new_cache(1, ctx)
+    lm, t_lm = timed(lambda: prefill_row(model, c1, 0, ids, 4096))
+
+    def chunked():
+        logits = None
+        for s in range(0, ctx, 4096):
+            logits = model.prefill(ids[s:s + 4096], c2, PrefillStep(0, s, min(4096, ctx - s)))
+        return logits
+
+    ch, t_ch = timed(chunked)
+    kdiff = (c1.k[-1, 0, :, :ctx].float() - c2.k[-1, 0, :, :ctx].float()).abs().max().item()
+    return {"layer_major_s": t_lm, "chunked_s": t_ch, "logits_rel_err": ((lm - ch).norm() / ch.norm()).item(),
+            "argmax_equal": bool(lm.argmax() == ch.argmax()), "last_layer_k_maxdiff": kdiff,
+            "flash_failed": getattr(model, "flash_prefill_failed", False)}
+
+
+def main() -> None:
     out = {}
     for ctx in (32768, 131072):
-        model = random_model("qwen3-4b", ctx, dev, torch.bfloat16)
-        ids = torch.randint(0, model.args.vocab_size, (ctx,), generator=torch.Generator().manual_seed(0)).to(dev)
-        c1, c2 = model.new_cache(1, ctx), model.new_cache(1, ctx)
-        lm, t_lm = timed(lambda: prefill_row(model, c1, 0, ids, 4096))
-
-        def chunked():
-            logits = None
-            for s in range(0, ctx, 4096):
-                logits = model.prefill(ids[s:s + 4096], c2, PrefillStep(0, s, min(4096, ctx - s)))
-            return logits
-
-        ch, t_ch = timed(chunked)
-        rel = ((lm - ch).norm() / ch.norm()).item()
-        kdiff = (c1.k[-1, 0, :, :ctx].float() - c2.k[-1, 0, :, :ctx].float()).abs().max().item()
-        out[ctx] = {"layer_major_s": t_lm, "chunked_s": t_ch, "logits_rel_err": rel, "argmax_equal":
-                    bool(lm.argmax() == ch.argmax()), "last_layer_k_maxdiff": kdiff,
-                    "flash_failed": getattr(model, "flash_prefill_failed", False)}
+        out[ctx] = one(ctx)
         print(ctx, out[ctx], flush=True)
-        del model, c1, c2
         torch.cuda.empty_cache()
     with open(sys.argv[1], "w") as f:
         json.dump(out, f, indent=2)
