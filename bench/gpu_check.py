@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import torch
+from gpu_refresh_profile import refresh_case, refresh_ms  # bench/ is the script's folder
 
 from sfi.bench import bench_ours, random_model
 from sfi.boundary import FixedPeriod
@@ -64,28 +64,9 @@ def main() -> None:
                 out[key] = {k: r[k] for k in ("tok_s", "step_ms_p50", "step_ms_p90", "graph_captures", "timed_steps")}
                 print(key, out[key], flush=True)
     # refresh cost: one row, all layers, batched Selector + compaction
-    cfg = SfiConfig()
     for ctx in (8192, 32768):
-        model_ctx = model
-        cache = model_ctx.new_cache(1, ctx)
-        cache.k.normal_()
-        cache.v.normal_()
-        from sfi.memory import SparseMemory
-        a = model.args
-        rt = SfiRuntime(cfg, FixedPeriod(9), 1, 1)
-        rt.attach(SparseMemory(a.n_layers, 1, a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim, model.dtype, dev), cache)
-        q = torch.randn(a.n_layers, a.n_heads, a.head_dim, device=dev, dtype=model.dtype)
-        cap = rt._domain(0, ctx)
-        for _ in range(2):
-            rt.refresh_layers(0, q, cap.lo, cap.hi, 0.088)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(5):
-            rt.refresh_layers(0, q, cap.lo, cap.hi, 0.088)
-        torch.cuda.synchronize()
-        out[f"refresh_ms_{ctx}"] = 1e3 * (time.perf_counter() - t) / 5
+        out[f"refresh_ms_{ctx}"] = refresh_ms(*refresh_case(model, ctx, SfiConfig()), reps=5)
         print("refresh", ctx, out[f"refresh_ms_{ctx}"], flush=True)
-        del cache
     with open(sys.argv[1], "w") as f:
         json.dump(out, f, indent=2)
 

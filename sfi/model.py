@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from sfi_kernels import decode_qkv, rms_norm
+from sfi_kernels import decode_qkv, decode_qkv_ref, rms_norm, rms_norm_ref
 
 from . import attention
 from .cache import KVCache
@@ -151,11 +151,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            return rms_norm(x, self.weight, self.eps)  # one fused launch, same rounding
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # On a GPU one fused launch with the same rounding; on a CPU the kernel's reference.
+        return (rms_norm if x.is_cuda else rms_norm_ref)(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -212,17 +209,12 @@ class Attention(nn.Module):
                step: DecodeStep) -> torch.Tensor:
         b = x.shape[0]
         kc, vc = cache.k[self.layer], cache.v[self.layer]  # [Bc, Hkv, S, D]
-        if x.is_cuda:
-            # cos, sin are the whole rotary tables here: q/k norm, rotary and the cache write in one launch.
-            qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-            eps = self.q_norm.eps if self.q_norm is not None else 0.0
-            q = decode_qkv(self.wqkv(x[:, 0]), qn, kn, eps, cos, sin, kc, vc, step.rows, step.positions,
-                           self.n_heads, self.n_kv_heads)
-        else:
-            q, k, v = self._qkv(x, cos, sin)  # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
-            kc[step.rows, :, step.positions] = k[:, :, 0]
-            vc[step.rows, :, step.positions] = v[:, :, 0]
-            q = q[:, :, 0]
+        # q/k norm, rotary at each row's position (cos, sin are the whole tables) and the cache write: one
+        # launch on a GPU, the kernel's reference on a CPU.
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q = (decode_qkv if x.is_cuda else decode_qkv_ref)(self.wqkv(x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
+                                                           step.rows, step.positions, self.n_heads, self.n_kv_heads)
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return self.wo(out.reshape(b, 1, -1))
 
@@ -339,11 +331,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache, step: DecodeStep) -> torch.Tensor:
         """tokens [B] (one per row of `step`) -> float32 logits [B, V]."""
-        if tokens.is_cuda:  # the fused kernel reads each row's position from the tables itself
-            cos, sin = self.rope_cos, self.rope_sin
-        else:
-            cos = self.rope_cos[step.positions][:, None, None]  # [B, 1, 1, D]
-            sin = self.rope_sin[step.positions][:, None, None]
+        cos, sin = self.rope_cos, self.rope_sin  # each row's position is read from the tables in attention
         h = self.tok_embeddings(tokens[:, None])  # [B, 1, H]
         for layer in self.layers:
             h = layer(h, cos, sin, cache, step)

@@ -11,7 +11,6 @@ import torch
 from sfi.boundary import FixedPeriod, NoBoundary
 from sfi.config import SfiConfig
 from sfi.decoder import Request, generate
-from sfi.loader import load_model
 from sfi.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
@@ -21,10 +20,7 @@ import tiny
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def lm(request, tmp_path_factory):
-    # llama: 2 KV heads (exclusivity skipped); qwen3 variant with 4 KV heads exercises exclusivity
-    overrides = {"num_key_value_heads": 4} if request.param == "qwen3" else {}
-    folder = tiny.make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=11, **overrides)
-    return load_model(str(folder), device="cpu")
+    return tiny.load_for_sfi(tmp_path_factory.mktemp(request.param), request.param, seed=11)
 
 
 def prompt(n, offset=0):

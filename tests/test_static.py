@@ -10,7 +10,6 @@ from sfi.boundary import FixedPeriod
 from sfi.config import SfiConfig
 from sfi.decoder import Request, generate
 from sfi.graphs import _bucket
-from sfi.loader import load_model
 from sfi.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
@@ -20,9 +19,7 @@ import tiny
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def lm(request, tmp_path_factory):
-    overrides = {"num_key_value_heads": 4} if request.param == "qwen3" else {}
-    folder = tiny.make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=5, **overrides)
-    return load_model(str(folder), device="cpu")
+    return tiny.load_for_sfi(tmp_path_factory.mktemp(request.param), request.param, seed=5)
 
 
 def prompt(n, offset=0):

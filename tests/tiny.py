@@ -73,3 +73,12 @@ def make_checkpoint(folder: Path, family: str, seed: int = 0, **overrides) -> Pa
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer().save_pretrained(folder)
     return folder
+
+
+def load_for_sfi(tmp_root: Path, family: str, seed: int):
+    """A tiny checkpoint loaded on CPU for SFI tests: Qwen3 gets 4 KV heads so the Selector's cross-head
+    exclusivity runs; Llama keeps 2 (exclusivity skipped)."""
+    from sfi.loader import load_model
+
+    overrides = {"num_key_value_heads": 4} if family == "qwen3" else {}
+    return load_model(str(make_checkpoint(tmp_root, family, seed=seed, **overrides)), device="cpu")
