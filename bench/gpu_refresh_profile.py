@@ -1,5 +1,6 @@
-"""Where a slow row's refresh time goes (Qwen3-4B shape, bf16, random cache): kernel times by name
-for one refresh of one row at 32k and 128k. JSON to argv[1]."""
+"""Where a slow row's refresh time goes (Qwen3-4B shape, bf16, random cache and logits): one layer's
+in-step refresh (fused Selector scores, top-k, compaction writer) for `slots` slow rows, timed alone and
+by kernel name. JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -12,32 +13,36 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sfi.bench import random_model
-from sfi.boundary import FixedPeriod
 from sfi.config import SfiConfig
 from sfi.memory import SparseMemory
-from sfi.runtime import SfiRuntime
+from sfi.refresh import StepRefresh
+from sfi.selector import SelectorParams
 
 
-def refresh_case(model, ctx: int, cfg: SfiConfig):
-    """One row of `ctx` random cached tokens with its compact memory: (runtime, queries q [L, Hq, D], domain)."""
+def refresh_case(model, ctx: int, cfg: SfiConfig, slots: int = 1) -> StepRefresh:
+    """`slots` rows of `ctx` random cached tokens, each refreshing its whole domain, logits filled in."""
     dev, a = model.device, model.args
-    cache = model.new_cache(1, ctx)
+    cache = model.new_cache(slots, ctx)
     cache.k.normal_()
     cache.v.normal_()
-    rt = SfiRuntime(cfg, FixedPeriod(9), 1, 1)
-    rt.attach(SparseMemory(a.n_layers, 1, a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim, model.dtype, dev), cache)
-    q = torch.randn(a.n_layers, a.n_heads, a.head_dim, device=dev, dtype=model.dtype)
-    return rt, q, rt._domain(0, ctx)
+    memory = SparseMemory(a.n_layers, slots, a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim, model.dtype, dev)
+    r = StepRefresh(cache, memory, SelectorParams.from_config(cfg), slots, ctx, a.n_heads)
+    r.z.normal_(0, 3)
+    r.norms.uniform_(0.5, 3)
+    lo, hi = cfg.sink, ctx - cfg.recent
+    r.meta.copy_(torch.tensor([list(range(slots)), [lo] * slots, [hi - lo] * slots,
+                               [min(cfg.k_head, hi - lo)] * slots], dtype=torch.int32))
+    return r.for_step(slots)
 
 
-def refresh_ms(rt, q, domain, reps: int) -> float:
-    """Wall milliseconds of one refresh of every layer, after two warm-up refreshes."""
+def refresh_ms(r: StepRefresh, reps: int) -> float:
+    """Wall milliseconds of one layer's refresh, on the current stream, after two warm-ups."""
     for _ in range(2):
-        rt.refresh_layers(0, q, domain.lo, domain.hi, 0.088)
+        r._refresh(0)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(reps):
-        rt.refresh_layers(0, q, domain.lo, domain.hi, 0.088)
+    for i in range(reps):
+        r._refresh(i % r.cache.k.shape[0])
     torch.cuda.synchronize()
     return 1e3 * (time.perf_counter() - t) / reps
 
@@ -45,23 +50,22 @@ def refresh_ms(rt, q, domain, reps: int) -> float:
 def main() -> None:
     dev = torch.device("cuda")
     model = random_model("qwen3-4b", 8192, dev, torch.bfloat16)
-    cfg, out = SfiConfig(), {}
-    for ctx in (32768, 131072):
-        rt, q, cap = refresh_case(model, ctx, cfg)
-        wall = refresh_ms(rt, q, cap, 3)
+    cfg, out = SfiConfig(), {"device": torch.cuda.get_device_name()}
+    for ctx, slots in ((8192, 1), (32768, 1), (131072, 1), (131072, 3)):
+        r = refresh_case(model, ctx, cfg, slots)
+        wall = refresh_ms(r, 20)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            rt.refresh_layers(0, q, cap.lo, cap.hi, 0.088)
+            r._refresh(0)
             torch.cuda.synchronize()
         by = defaultdict(float)
         for ev in prof.events():
             if ev.device_type == torch.autograd.DeviceType.CUDA:
                 by[ev.name[:100]] += ev.device_time_total / 1e3
-        top = sorted(by.items(), key=lambda kv: -kv[1])[:20]
-        out[ctx] = {"wall_ms": wall, "gpu_ms": sum(by.values()), "top": top}
-        print(f"== {ctx}: wall {wall:.2f} ms, GPU {sum(by.values()):.2f} ms")
-        for k, v in top:
-            print(f"{v:8.3f}  {k}")
-        del rt
+        top = sorted(by.items(), key=lambda kv: -kv[1])[:12]
+        out[f"{ctx}x{slots}"] = {"layer_wall_ms": wall, "all_layers_ms": wall * model.args.n_layers,
+                                 "layer_gpu_ms": sum(by.values()), "top": top}
+        print(ctx, slots, out[f"{ctx}x{slots}"], flush=True)
+        del r
         torch.cuda.empty_cache()
     with open(sys.argv[1], "w") as f:
         json.dump(out, f, indent=2)

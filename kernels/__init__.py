@@ -5,10 +5,22 @@ Each kernel comes as a pure-torch reference plus, where it pays, a Triton implem
 same signature. The references are the ground truth in tests and the CPU fallback at run time.
 """
 
+from .compact import compact_write, compact_write_ref
 from .decode_attention import decode_attention, decode_attention_ref
-from .domain_logits import domain_logits, domain_logits_ref
-from .fused import decode_qkv, decode_qkv_ref, rms_norm, rms_norm_ref
-from .ranged_decode import default_split, ranged_decode_attention, ranged_decode_attention_ref
+from .fused import (
+                    add_rms_norm,
+                    add_rms_norm_ref,
+                    decode_qkv,
+                    decode_qkv_ref,
+                    rms_norm,
+                    rms_norm_ref,
+                    silu_mul,
+                    silu_mul_ref,
+)
+from .ranged_decode import LogitCapture, default_split, ranged_decode_attention, ranged_decode_attention_ref
+from .selector_scores import selector_scores, selector_scores_ref
 
-__all__ = ["decode_attention", "default_split", "decode_attention_ref", "decode_qkv", "decode_qkv_ref", "domain_logits",
-           "domain_logits_ref", "ranged_decode_attention", "ranged_decode_attention_ref", "rms_norm", "rms_norm_ref"]
+__all__ = ["LogitCapture", "add_rms_norm", "add_rms_norm_ref", "compact_write", "compact_write_ref",
+           "decode_attention", "decode_attention_ref", "decode_qkv", "decode_qkv_ref", "default_split",
+           "ranged_decode_attention", "ranged_decode_attention_ref", "rms_norm", "rms_norm_ref", "selector_scores",
+           "selector_scores_ref", "silu_mul", "silu_mul_ref"]

@@ -2,6 +2,10 @@
 
 - `rms_norm`: x [M, N] -> RMSNorm(x) * weight, computed as the model does (float32 statistics, the
   normalised row cast to x's dtype, then scaled by the weight in x's dtype).
+- `add_rms_norm`: the residual add and the next RMSNorm in one pass: (h = x + r, RMSNorm(h) * weight),
+  h rounded to x's dtype before its statistics, as the two separate ops round.
+- `silu_mul`: the gated MLP's SiLU(gate) * up from the fused gate|up projection [M, 2I] -> [M, I], with
+  the rounding of `F.silu(gate) * up`.
 - `decode_qkv`: one decode token per row: from the fused QKV projection [B, (Hq + 2 Hkv) D], apply the
   optional per-head q/k RMSNorm (Qwen3) and the rotary embedding at each row's position, write K and V
   into the cache at (rows[b], positions[b]) and return q [B, Hq, D]. One launch instead of about
@@ -27,6 +31,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + r
+    return h, rms_norm_ref(h, weight, eps)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,6 +81,33 @@ if triton is not None:
         normed = (xf * inv).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_y + cols, (w * normed).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_h, stride_y, N, eps,
+                             BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
+        normed = (hf * inv).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_y + cols, (w * normed).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, y_ptr, stride_gu, stride_y, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
+        up = tl.load(gu_ptr + row * stride_gu + N + cols, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        tl.store(y_ptr + row * stride_y + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
     @triton.jit
     def _head(x_ptr, w_ptr, cos_ptr, sin_ptr, eps, HAS_NORM: tl.constexpr, D: tl.constexpr):
@@ -124,6 +166,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), n, eps,
                                      BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4)
     return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, RMSNorm(x + r) * weight) over the last dim (see the module docstring)."""
+    if x.shape != r.shape or x.dtype != r.dtype:
+        raise ValueError(f"x and r must match: {tuple(x.shape)} {x.dtype} vs {tuple(r.shape)} {r.dtype}")
+    if not _use_triton(x):
+        return add_rms_norm_ref(x, r, weight, eps)
+    n = x.shape[-1]
+    x2, r2 = x.reshape(-1, n).contiguous(), r.reshape(-1, n).contiguous()
+    h, y = torch.empty_like(x2), torch.empty_like(x2)
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
+                                         n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4)
+    return h.view(x.shape), y.view(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> SiLU(gate) * up [..., I] (see the module docstring)."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"expected gate | up with an even last dim, got {tuple(gate_up.shape)}")
+    if not _use_triton(gate_up):
+        return silu_mul_ref(gate_up)
+    n = gate_up.shape[-1] // 2
+    gu = gate_up.reshape(-1, 2 * n).contiguous()
+    y = torch.empty(gu.shape[0], n, dtype=gu.dtype, device=gu.device)
+    block = min(2048, triton.next_power_of_2(n))
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block,
+                                                          num_warps=4)
+    return y.view(*gate_up.shape[:-1], n)
 
 
 def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,

@@ -7,6 +7,10 @@ Shapes: q [B, Hq, D]; k_cache, v_cache [Bc, Hkv, S, D]; compact_k, compact_v [Bc
 rows, compact_len, span_start, span_len [B] int32 (rows index the cache batch). Returns
 (out [B, Hq, D], lse [B, Hq]); lse is the natural-log log-sum-exp of the scaled logits.
 
+With `capture` (a `LogitCapture`), rows given a slot also leave what the Selector needs from the same pass
+over their keys: the scaled logits of their positions [lo, hi) of the main cache in z [S, Hq, C] and
+those keys' L2 norms in norms [S, Hkv, C] (index = position - lo), so a slow step reads K once.
+
 The Triton kernel splits each row's keys into chunks (flash-decoding) so that a batch of one still fills
 the GPU; partial results are merged with their log-sum-exp.
 """
@@ -14,6 +18,7 @@ the GPU; partial results are merged with their log-sum-exp.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +29,33 @@ try:
     import triton.language as tl
 except ImportError:  # CPU installs without triton use the reference
     triton = None
+
+
+@dataclass(frozen=True)
+class LogitCapture:
+    """Per-row capture metadata for `ranged_decode_attention`: slot [B] int32 (-1: no capture), lo, hi [B]
+    int32 (the row's domain in cache positions), and the outputs z [S, Hq, C], norms [S, Hkv, C] float32
+    (views with unit stride along C; C >= hi - lo of every captured row)."""
+
+    slot: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    z: torch.Tensor
+    norms: torch.Tensor
+
+
+def capture_ref(q: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, capture: LogitCapture,
+                scale: float) -> None:
+    """What the kernel writes for a capture, with torch (reads the metadata on the host)."""
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    for b, (slot, lo, hi) in enumerate(zip(*(t.tolist() for t in (capture.slot, capture.lo, capture.hi)),
+                                           strict=True)):
+        if slot < 0 or hi <= lo:
+            continue
+        keys = k_cache[int(rows[b]), :, lo:hi].float()  # [Hkv, N, D]
+        qg = q[b].float().reshape(hkv, hq // hkv, -1)
+        capture.z[slot, :, : hi - lo] = (torch.matmul(qg, keys.transpose(1, 2)) * scale).reshape(hq, hi - lo)
+        capture.norms[slot, :, : hi - lo] = keys.norm(dim=-1)
 
 
 def _gather_keys(cache: torch.Tensor, compact: torch.Tensor, rows: torch.Tensor, compact_len: torch.Tensor,
@@ -42,8 +74,11 @@ def _gather_keys(cache: torch.Tensor, compact: torch.Tensor, rows: torch.Tensor,
 
 
 def ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
-                                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                scale: float | None = None, capture: LogitCapture | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, compact_len, span_start, span_len = (t.long() for t in (rows, compact_len, span_start, span_len))
+    if capture is not None:
+        capture_ref(q, k_cache, rows, capture, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     keys, lengths = _gather_keys(k_cache, compact_k, rows, compact_len, span_start, span_len)
     values, _ = _gather_keys(v_cache, compact_v, rows, compact_len, span_start, span_len)
     return decode_attention_ref(q, keys, values, lengths, scale)
@@ -55,12 +90,14 @@ if triton is not None:
     def _ranged_decode_kernel(
         q_ptr, kc_ptr, vc_ptr, kk_ptr, vk_ptr, rows_ptr, clen_ptr, sstart_ptr, slen_ptr,
         part_o_ptr, part_lse_ptr,
+        slot_ptr, cap_lo_ptr, cap_hi_ptr, z_ptr, nrm_ptr,
         stride_qb, stride_qh,
         stride_cb, stride_ch, stride_cs,
         stride_kb, stride_kh, stride_ks,
         stride_pb, stride_ph, stride_ps,
+        stride_zs, stride_zh, stride_ns, stride_nh,
         scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAPTURE: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -83,6 +120,13 @@ if triton is not None:
         acc = tl.zeros([G_PAD, D], tl.float32)
         c_base = row.to(tl.int64) * stride_cb + h * stride_ch
         k_base = row.to(tl.int64) * stride_kb + h * stride_kh
+        slot = -1
+        cap_lo = 0
+        cap_hi = 0
+        if CAPTURE:
+            slot = tl.load(slot_ptr + b)
+            cap_lo = tl.load(cap_lo_ptr + b)
+            cap_hi = tl.load(cap_hi_ptr + b)
         for start in range(lo, hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < hi
@@ -95,6 +139,16 @@ if triton is not None:
                 tl.load(kc_ptr + off_s, mask=in_s[:, None], other=0.0)
             k = k.to(tl.float32)  # [BLOCK_N, D]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N]
+            if CAPTURE:  # noqa: SIM102 (a compile-time branch around a run-time one)
+                if slot >= 0:
+                    # The Selector's inputs for this row's domain, from the keys already loaded.
+                    pos = sstart + j - clen
+                    cmask = in_s & (pos >= cap_lo) & (pos < cap_hi)
+                    rel = (pos - cap_lo).to(tl.int64)
+                    z_off = slot.to(tl.int64) * stride_zs + (h * G + g).to(tl.int64)[:, None] * stride_zh + rel[None, :]
+                    tl.store(z_ptr + z_off, s, mask=gmask[:, None] & cmask[None, :])
+                    tl.store(nrm_ptr + slot.to(tl.int64) * stride_ns + h * stride_nh + rel,
+                             tl.sqrt(tl.sum(k * k, axis=1)), mask=cmask)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,6 +203,20 @@ def _check(q, k_cache, compact_k, rows) -> None:
         raise ValueError(f"expected rows [{q.shape[0]}], got {tuple(rows.shape)}")
 
 
+def _check_capture(q: torch.Tensor, k_cache: torch.Tensor, c: LogitCapture) -> None:
+    b, hq = q.shape[:2]
+    hkv = k_cache.shape[1]
+    for name in ("slot", "lo", "hi"):
+        t = getattr(c, name)
+        if t.shape != (b,) or t.dtype != torch.int32:
+            raise ValueError(f"capture.{name}: expected int32 [{b}], got {t.dtype} {tuple(t.shape)}")
+    if c.z.dim() != 3 or c.z.shape[1] != hq or c.norms.shape != (c.z.shape[0], hkv, c.z.shape[2]):
+        raise ValueError(f"capture: expected z [S, {hq}, C] and norms [S, {hkv}, C] float32, got z "
+                         f"{tuple(c.z.shape)}, norms {tuple(c.norms.shape)}")
+    if c.z.dtype != torch.float32 or c.norms.dtype != torch.float32 or c.z.stride(2) != 1 or c.norms.stride(2) != 1:
+        raise ValueError("capture: z and norms must be float32 with unit stride along C")
+
+
 def default_split(max_keys: int) -> int:
     """Keys per split: short rows keep more splits (fills the GPU at batch 1), long rows fewer, longer ones
     (H100 sweep, bench/results/2026-11-22-h100-ranged-kernel-sweep.json)."""
@@ -158,12 +226,15 @@ def default_split(max_keys: int) -> int:
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
                             scale: float | None = None, max_keys: int | None = None,
                             split: int | None = None, block_n: int = 32, num_warps: int = 4,
-                            num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_stages: int = 2, capture: LogitCapture | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync."""
     _check(q, k_cache, compact_k, rows)
+    if capture is not None:
+        _check_capture(q, k_cache, capture)
     if triton is None or not (q.is_cuda or _interpreting()):
         return ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
-                                           span_start, span_len, scale)
+                                           span_start, span_len, scale, capture)
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
@@ -177,13 +248,19 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     for t in (k_cache, v_cache, compact_k, compact_v):
         if t.stride(3) != 1:
             raise ValueError("caches must be contiguous in the head dim")
+    c = capture
+    cap_args = (c.slot, c.lo, c.hi, c.z, c.norms) if c is not None else (rows,) * 3 + (part_lse,) * 2
+    cap_strides = (c.z.stride(0), c.z.stride(1), c.norms.stride(0), c.norms.stride(1)) if c is not None else (0,) * 4
     _ranged_decode_kernel[(b, hkv, n_split)](
         q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len, part_o, part_lse,
+        *cap_args,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         compact_k.stride(0), compact_k.stride(1), compact_k.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        *cap_strides,
         scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 16), D=d, BLOCK_N=block_n,
+        CAPTURE=c is not None,
         # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
         # exact (ieee) products, since tf32 would round their mantissas.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,

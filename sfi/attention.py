@@ -70,15 +70,19 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
 
 def _decode_ranged(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
     """GPU path: every row in one ranged-kernel launch (dense rows read an empty compact range and their
-    whole cache), then the slow rows' captures (or, in a static step, the queries kept for them)."""
+    whole cache), then the slow rows' captures (in a static step: the in-step refresh, fed by the kernel)."""
     kc, vc = cache.k[layer], cache.v[layer]
     plan = step.sparse
     memory = step.memory if step.memory is not None else (plan.memory if plan is not None else None)
     mem_k, mem_v = (memory.k[layer], memory.v[layer]) if memory is not None else (kc, vc)
     rows, clen, start, span, max_keys = step.ranges
-    out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys)
-    if step.q_out is not None:
-        step.q_out[layer].copy_(q)
+    refresh = step.refresh
+    if refresh is not None:
+        refresh.before_attention(layer)
+    out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
+                                     capture=refresh.capture(layer) if refresh is not None else None)
+    if refresh is not None:
+        refresh.after_attention(layer)  # this layer's Selector and compaction, overlapped with the next layers
     for c in plan.captures if plan is not None else ():
         z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)
         plan.refresh(layer, c.row, z)

@@ -172,17 +172,16 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
     active = [row for row, req in enumerate(requests) if not req.stopper.finished]
     if static is None:
         static = device.type == "cuda"
-    fixed = StaticDecoder(model, cache, runtime.memory if runtime else None, cuda_graphs) if static else None
-    scale = model.layers[0].attention.scale
+    fixed = StaticDecoder(model, cache, runtime.memory if runtime else None, cuda_graphs,
+                          runtime.score_params if runtime else None) if static else None
     while active:
         started = time.perf_counter()
         if fixed is not None:
             kinds, captures = runtime.kinds(active, lengths) if runtime is not None else (None, [])
             positions = [lengths[r] for r in active]
             clen, start = runtime.ranges(active, kinds) if runtime is not None else ([0] * len(active),) * 2
-            logits = fixed.decode([last[r] for r in active], active, positions, clen, start)
-            for c in captures:
-                runtime.refresh_layers(c.row, fixed.queries(len(active))[:, c.batch_index], c.lo, c.hi, scale)
+            slow = [(c.batch_index, c.lo, c.hi) for c in captures]
+            logits = fixed.decode([last[r] for r in active], active, positions, clen, start, slow)
         else:
             rows = torch.tensor(active, dtype=torch.long, device=device)
             positions = torch.tensor([lengths[r] for r in active], dtype=torch.long, device=device)

@@ -4,14 +4,12 @@ from a CUDA graph instead of being launched op by op.
 Only metadata changes between steps. Each row's attention is one range of the compact memory followed
 by one span of its main cache (see kernels/ranged_decode.py): a fast row reads compact + recent, a slow
 or dense row an empty compact range + its whole cache. So slow rows do not break the graph for the
-others. The graph also leaves every layer's queries in a buffer; after the replay, each slow row's
-refresh (logits over its domain, Selector, compaction) runs for all layers at once. No row reads a
-refreshed memory before the next step, so this gives the same selections as refreshing layer by layer
-inside the step.
+others. Slow rows' refreshes run inside the step, each layer's on a side stream right after that layer's
+attention (see sfi.refresh), and are part of the graph.
 
-One graph per (batch size, key-split count): the split count is the number of 256-key (512 past 16k)
-chunks of the longest row, rounded up to a power of two, so a batch growing from 8k to 8k + 256 tokens
-keeps its graph, and splits past a row's end cost an empty block each.
+One graph per (batch size, key-split count, slow-row count): the split count is the number of 256-key
+(512 past 16k) chunks of the longest row, rounded up to a power of two, so a batch growing from 8k to
+8k + 256 tokens keeps its graph, and splits past a row's end cost an empty block each.
 """
 
 from __future__ import annotations
@@ -25,6 +23,10 @@ from sfi_kernels import default_split
 from .cache import KVCache
 from .memory import SparseMemory
 from .model import DecodeStep, Transformer
+from .refresh import StepRefresh
+from .selector import SelectorParams
+
+N_HOST = 14  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 4 slot
 
 
 def _bucket(n_split: int) -> int:
@@ -32,56 +34,65 @@ def _bucket(n_split: int) -> int:
 
 
 class _Buffers:
-    def __init__(self, model: Transformer, batch: int, keep_queries: bool) -> None:
-        dev, a = model.device, model.args
+    def __init__(self, model: Transformer, batch: int) -> None:
+        dev = model.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.rows = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # rows, compact_len, span_start, span_len
-        self.q_out = (torch.zeros(a.n_layers, batch, a.n_heads, a.head_dim, dtype=model.dtype, device=dev)
-                      if keep_queries else None)
+        self.refresh: dict[int, StepRefresh] = {}  # by key capacity
         # Host staging, copied in one transfer per step.
-        self.host = torch.zeros(7, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.host = torch.zeros(N_HOST, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied: torch.cuda.Event | None = None
 
-    def step(self, cache: KVCache, memory: SparseMemory | None, max_keys: int) -> DecodeStep:
+    def step(self, cache: KVCache, memory: SparseMemory | None, max_keys: int,
+             refresh: StepRefresh | None) -> DecodeStep:
         rows, clen, start, span = self.meta.unbind(0)
         return DecodeStep(rows=self.rows, positions=self.positions, kv_len=max_keys, whole_cache=False,
-                          fixed_ranges=(rows, clen, start, span, max_keys), memory=memory, q_out=self.q_out)
+                          fixed_ranges=(rows, clen, start, span, max_keys), memory=memory, refresh=refresh)
 
 
 class StaticDecoder:
     """`model.decode` through static buffers; with `graphs` (CUDA only) each step shape is captured once
     and replayed."""
 
-    def __init__(self, model: Transformer, cache: KVCache, memory: SparseMemory | None, graphs: bool) -> None:
-        self.model, self.cache, self.memory = model, cache, memory
+    def __init__(self, model: Transformer, cache: KVCache, memory: SparseMemory | None, graphs: bool,
+                 params: SelectorParams | None = None) -> None:
+        self.model, self.cache, self.memory, self.params = model, cache, memory, params
         self.graphs = graphs and model.device.type == "cuda"
-        self.keep_queries = memory is not None
         self._buffers: dict[int, _Buffers] = {}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captures = 0
         self.captured = False  # the last step captured a new graph (a one-time cost)
 
-    def queries(self, batch: int) -> torch.Tensor | None:
-        """[L, B, Hq, D]: the last step's queries of each layer (with a compact memory only)."""
-        return self._buffers[batch].q_out
-
     def decode(self, tokens: Sequence[int], rows: Sequence[int], positions: Sequence[int],
-               compact_len: Sequence[int], span_start: Sequence[int]) -> torch.Tensor:
+               compact_len: Sequence[int], span_start: Sequence[int],
+               slow: Sequence[tuple[int, int, int]] = ()) -> torch.Tensor:
         """One step; float32 logits [B, V], valid until the next call. Row b reads compact_len[b] rows of
-        its compact memory, then its cache from span_start[b] to positions[b] (inclusive)."""
+        its compact memory, then its cache from span_start[b] to positions[b] (inclusive). Each (batch
+        index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
+        refreshed from its domain [lo, hi) during the step."""
         b = len(rows)
         buf = self._buffers.get(b)
         if buf is None:
-            buf = self._buffers[b] = _Buffers(self.model, b, self.keep_queries)
+            buf = self._buffers[b] = _Buffers(self.model, b)
         span = [p + 1 - s for p, s in zip(positions, span_start, strict=True)]
+        longest = max(c + s for c, s in zip(compact_len, span, strict=True))
+        split = default_split(longest)
+        n_split = _bucket(-(-longest // split))
+        max_keys = n_split * split  # the kernel's own split for max_keys is `split` again
         host = buf.host
         if buf.copied is not None:
             buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
         for i, values in enumerate((tokens, rows, positions, rows, compact_len, span_start, span)):
             host[i] = torch.as_tensor(values, dtype=torch.long)
+        host[7:] = 0
+        host[7] = -1
+        k_head = self.memory.k_head if self.memory is not None else 0
+        for s, (i, lo, hi) in enumerate(slow):
+            host[7:10, i] = torch.tensor([s, lo, hi])
+            host[10:14, s] = torch.tensor([rows[i], lo, hi - lo, min(k_head, hi - lo)])
         dev = host.to(self.model.device, non_blocking=True)
         if self.model.device.type == "cuda":
             buf.copied = torch.cuda.Event()
@@ -89,23 +100,35 @@ class StaticDecoder:
         buf.tokens.copy_(dev[0])
         buf.rows.copy_(dev[1])
         buf.positions.copy_(dev[2])
-        buf.meta.copy_(dev[3:])
-        longest = max(c + s for c, s in zip(compact_len, span, strict=True))
-        split = default_split(longest)
-        n_split = _bucket(-(-longest // split))
-        max_keys = n_split * split  # the kernel's own split for max_keys is `split` again
+        buf.meta.copy_(dev[3:7])
+        refresh = None
+        if slow:
+            refresh = self._refresh(buf, b, max_keys)
+            refresh.row_meta.copy_(dev[7:10])
+            refresh.meta.copy_(dev[10:14])
+            refresh = refresh.for_step(len(slow))
         if not self.graphs:
-            return self.model.decode(buf.tokens, self.cache, buf.step(self.cache, self.memory, max_keys))
-        key = (b, max_keys)
+            return self.model.decode(buf.tokens, self.cache, buf.step(self.cache, self.memory, max_keys, refresh))
+        key = (b, max_keys, len(slow))
         self.captured = key not in self._graphs
         if self.captured:
-            self._graphs[key] = self._capture(buf, max_keys)
+            self._graphs[key] = self._capture(buf, max_keys, refresh)
         graph, logits = self._graphs[key]
         graph.replay()
         return logits
 
-    def _capture(self, buf: _Buffers, max_keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        step = buf.step(self.cache, self.memory, max_keys)
+    def _refresh(self, buf: _Buffers, batch: int, max_keys: int) -> StepRefresh:
+        if self.memory is None or self.params is None:
+            raise ValueError("slow rows need a compact memory and Selector parameters")
+        capacity = min(max_keys, self.cache.max_len)  # a domain never extends past the cache
+        if capacity not in buf.refresh:
+            buf.refresh[capacity] = StepRefresh(self.cache, self.memory, self.params, batch, capacity,
+                                                self.model.args.n_heads)
+        return buf.refresh[capacity]
+
+    def _capture(self, buf: _Buffers, max_keys: int,
+                 refresh: StepRefresh | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        step = buf.step(self.cache, self.memory, max_keys, refresh)
         # Warm up on a side stream (lazy initialisation, Triton compilation), as capture requires. The
         # warm-up writes the same cache positions the real step will write, with the same values.
         side = torch.cuda.Stream()

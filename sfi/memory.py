@@ -36,13 +36,3 @@ class SparseMemory:
             dst[layer, row, :, :sink] = src[layer, row, :, :sink]
             dst[layer, row, :, sink:sink + n] = src[layer, row].gather(1, index)
         return sink + n
-
-    def write_layers(self, row: int, cache: KVCache, lo: int, picks: torch.Tensor) -> int:
-        """`write` for every layer at once: picks [L, Hkv, n] (relative to `lo`) of cache row `row`."""
-        n, sink = picks.shape[-1], self.sink
-        d = cache.k.shape[-1]
-        index = (picks + lo)[..., None].expand(-1, -1, -1, d)  # [L, Hkv, n, D]
-        for src, dst in ((cache.k, self.k), (cache.v, self.v)):
-            dst[:, row, :, :sink] = src[:, row, :, :sink]
-            dst[:, row, :, sink:sink + n] = src[:, row].gather(2, index)
-        return sink + n

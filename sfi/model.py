@@ -18,7 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from sfi_kernels import decode_qkv, decode_qkv_ref, rms_norm, rms_norm_ref
+from sfi_kernels import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    decode_qkv,
+    decode_qkv_ref,
+    rms_norm,
+    rms_norm_ref,
+    silu_mul,
+    silu_mul_ref,
+)
 
 from . import attention
 from .cache import KVCache
@@ -121,10 +130,10 @@ class DecodeStep:
     whole_cache: bool  # rows == arange(cache batch): attention can read the cache without a gather
     sparse: Any = None  # runtime.SparsePlan: per-row slow/fast decision; None = every row dense
     # Static-buffer steps (CUDA graphs): the ranged kernel's metadata given as is, the compact memory it
-    # reads, and where each layer leaves its queries for the slow rows' refresh after the step.
+    # reads, and the slow rows' in-step refresh (a refresh.StepRefresh), if any.
     fixed_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
     memory: Any = None
-    q_out: torch.Tensor | None = None  # [L, B, Hq, D]
+    refresh: Any = None
 
     @functools.cached_property
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -153,6 +162,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On a GPU one fused launch with the same rounding; on a CPU the kernel's reference.
         return (rms_norm if x.is_cuda else rms_norm_ref)(x, self.weight, self.eps)
+
+
+def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + r, norm(h + r)): one fused launch on a GPU, the kernel's reference on a CPU."""
+    return (add_rms_norm if h.is_cuda else add_rms_norm_ref)(h, r, norm.weight, norm.eps)
 
 
 class Attention(nn.Module):
@@ -227,8 +241,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.inter, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2((silu_mul if x.is_cuda else silu_mul_ref)(self.w13(x)))  # SiLU(gate) * up
 
 
 class Block(nn.Module):
@@ -333,6 +346,12 @@ class Transformer(nn.Module):
         """tokens [B] (one per row of `step`) -> float32 logits [B, V]."""
         cos, sin = self.rope_cos, self.rope_sin  # each row's position is read from the tables in attention
         h = self.tok_embeddings(tokens[:, None])  # [B, 1, H]
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache, step)
-        return self._head(h[:, 0])
+        # Block.forward unrolled so each residual add runs with the RMSNorm after it (one launch on a GPU).
+        x = self.layers[0].attention_norm(h)
+        for i, block in enumerate(self.layers):
+            h, x = _add_norm(h, block.attention.decode(x, cos, sin, cache, step), block.ffn_norm)
+            after = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            h, x = _add_norm(h, block.mlp(x), after)
+        if step.refresh is not None:
+            step.refresh.finish()  # the last layers' refreshes are done before the step is
+        return self.output(x[:, 0]).float()

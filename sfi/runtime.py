@@ -8,13 +8,12 @@ so the step attends to everything, exactly as dense; it counts as a fast step).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from sfi_kernels import domain_logits, domain_logits_ref
 
 from .boundary import Boundary, BoundaryState
 from .config import SfiConfig
@@ -68,6 +67,10 @@ class SfiRuntime:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.params = SelectorParams.from_config(cfg)
         self.selector = select if cfg.selector == "sfi" else select_topk
+        # The same Selector as fused-kernel parameters (static decode steps): the top-k baseline is the
+        # power mean of the rows' distributions at alpha 1 with every later stage off.
+        self.score_params = self.params if cfg.selector == "sfi" else dataclasses.replace(
+            self.params, use_power_mean=False, use_prior=False, use_nms=False, use_exclusivity=False)
         self.state = [BoundaryState() for _ in range(n_rows)]
         self.pending = [False] * n_rows
         self.has_memory = [False] * n_rows
@@ -107,21 +110,6 @@ class SfiRuntime:
             norms = cache.k[layer, row, :, lo:lo + n].float().norm(dim=-1)  # [Hkv, N]
             picks = self.selector(zg, norms, self.cfg.k_head, self.params)
         memory.write(layer, row, cache, lo, picks)
-
-    def refresh_layers(self, row: int, q: torch.Tensor, lo: int, hi: int, scale: float) -> None:
-        """`refresh` for every layer at once from the slow step's queries q [L, Hq, D] (the decode step
-        ran without captures, e.g. replayed from a CUDA graph): logits over [lo, hi), Selector, compaction.
-        The same math as one `refresh` per layer, in a few launches instead of a few per layer."""
-        cache, memory = self.cache, self.memory
-        n_layers, hkv = cache.k.shape[0], cache.k.shape[2]
-        if hi <= lo:
-            picks = torch.empty(n_layers, hkv, 0, dtype=torch.long, device=q.device)
-        else:
-            # z [L, Hkv, G, N]: query heads h*G..h*G+G-1 share KV head h; on a GPU one kernel reads each key once.
-            z, norms = domain_logits(q, cache.k, row, lo, hi, scale) if q.is_cuda else \
-                domain_logits_ref(q, cache.k, row, lo, hi, scale)
-            picks = self.selector(z, norms, self.cfg.k_head, self.params)
-        memory.write_layers(row, cache, lo, picks)
 
     def bootstrap(self, row: int, prompt_len: int) -> Capture | None:
         """After prefill: refresh from the last W prompt queries if the prompt exceeds the budget."""

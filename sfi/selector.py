@@ -111,11 +111,14 @@ def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
     """[..., H, min(k, N)] positions of the k best scores per head, ties to the lower position, sorted ascending.
 
     The k-th best value from a top-k (no full sort), then every position above it and the lowest tied
-    positions at it: exactly k per head, the same set a stable sort would pick."""
+    positions at it: exactly k per head, the same set a stable sort would pick. Shapes are static and
+    nothing is read back to the host, so it can run inside a CUDA graph; positions scored -inf (outside
+    a row's domain) come last."""
     n = score.shape[-1]
     k = min(k, n)
+    positions = torch.arange(n, device=score.device)
     if k == n:
-        return torch.arange(n, device=score.device).expand(*score.shape[:-1], n)
+        return positions.expand(*score.shape[:-1], n)
     if k == 0:
         return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
     kth = torch.topk(score, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
@@ -123,7 +126,11 @@ def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
     tied = score == kth
     room = k - above.sum(dim=-1, keepdim=True)
     keep = above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
-    return keep.nonzero()[:, -1].reshape(*score.shape[:-1], k)
+    # Kept positions go to slots 0..k-1 in position order; the rest to a spare slot k, dropped.
+    slot = torch.where(keep, torch.cumsum(keep.to(torch.int32), dim=-1) - 1, k).long()
+    out = torch.zeros(*score.shape[:-1], k + 1, dtype=torch.long, device=score.device)
+    out.scatter_(-1, slot, positions.expand_as(slot))
+    return out[..., :k]
 
 
 def scores(z: torch.Tensor, key_norms: torch.Tensor, p: SelectorParams) -> torch.Tensor:

@@ -72,3 +72,44 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="does not match"):
         ones = torch.ones(2, dtype=torch.int32)
         ranged_decode_attention(q, kc, kc, kc, kc, torch.zeros(2, dtype=torch.int32), ones, ones, ones)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(12, 3, 128), (4, 4, 64), (8, 2, 64)])
+def test_capture_writes_domain_logits_and_norms(hq, hkv, d, dtype):
+    """Slow rows leave their domain's logits and key norms from the attention pass; nothing else is written."""
+    from sfi_kernels import LogitCapture
+
+    torch.manual_seed(hq + d)
+    # rows: a slow row (whole cache, domain [4, 1110 - 63)), a fast row (no capture), a slow row of 27 keys
+    # with domain [1, 27), a slow row whose domain is empty
+    meta = [(0, 0, 1110), (27, 100, 63), (0, 0, 27), (0, 0, 5)]
+    doms = [(4, 1110 - 63), (0, 0), (1, 27), (3, 3)]
+    slots = [1, -1, 0, 2]
+    b, bc, s, c, cap = len(meta), 5, 1200, 64, 1110
+    q = torch.randn(b, hq, d, device=DEVICE).to(dtype)
+    kc, vc = (torch.randn(bc, hkv, s, d, device=DEVICE).to(dtype) for _ in range(2))
+    kk, vk = (torch.randn(bc, hkv, c, d, device=DEVICE).to(dtype) for _ in range(2))
+    rows = torch.tensor([4, 0, 2, 1], dtype=torch.int32, device=DEVICE)
+    as32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    clen, sstart, slen = (as32(x) for x in zip(*meta, strict=True))
+    outs = []
+    for fn in (ranged_decode_attention, ranged_decode_attention_ref):
+        z = torch.full((3, hq, cap), float("nan"), device=DEVICE)
+        norms = torch.full((3, hkv, cap), float("nan"), device=DEVICE)
+        cap_meta = LogitCapture(as32(slots), as32([lo for lo, _ in doms]), as32([hi for _, hi in doms]), z, norms)
+        out, _ = fn(q, kc, vc, kk, vk, rows, clen, sstart, slen, 1 / math.sqrt(d), capture=cap_meta)
+        outs.append((out, z, norms))
+        plain, _ = fn(q, kc, vc, kk, vk, rows, clen, sstart, slen, 1 / math.sqrt(d))
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)  # capturing does not change the attention
+        for i, slot in enumerate(slots):
+            if slot < 0:
+                continue
+            lo, hi = doms[i]
+            keys = kc[int(rows[i]), :, lo:hi].double()  # [Hkv, N, D]
+            want = torch.einsum("hgd,hnd->hgn", q[i].double().reshape(hkv, hq // hkv, d), keys) / math.sqrt(d)
+            torch.testing.assert_close(z[slot, :, : hi - lo].double(), want.reshape(hq, hi - lo),
+                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(norms[slot, :, : hi - lo].double(), keys.norm(dim=-1), atol=1e-4, rtol=1e-4)
+            assert z[slot, :, hi - lo:].isnan().all() and norms[slot, :, hi - lo:].isnan().all()
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-4, equal_nan=True)

@@ -52,8 +52,8 @@ def test_static_steps_match_op_by_op(lm, recipe):
         for row in range(3):
             assert rt_fixed.stats[row].slow_steps == rt_eager.stats[row].slow_steps
             n = rt_fixed.compact_len[row]
-            # the refresh after the step picked the same rows as the refresh inside it (the values differ
-            # only by the rounding of the two attention paths; a different pick would be a different key)
+            # the static step's fused refresh picked the same rows as the op-by-op Selector (the values
+            # differ only by the rounding of the two attention paths; a different pick would be a different key)
             torch.testing.assert_close(mem_fixed.k[:, row, :, :n], mem_eager.k[:, row, :, :n], rtol=1e-4, atol=1e-5)
 
 
