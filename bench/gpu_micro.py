@@ -1,0 +1,165 @@
+"""Decode-step building blocks timed the way a step runs them: each case is 36 launches (one per layer, each
+on its own weights or cache, so nothing is served from L2) captured in a CUDA graph and replayed.
+
+- GEMM: cuBLAS (F.linear) against the skinny Triton GEMM over a grid of configurations, for every weight
+  matrix of the Qwen3-4B shape at 1, 4 and 16 rows; achieved GB/s of weights read.
+- Ranged decode attention: dense rows at 8k and SFI fast rows (compact 2052 + recent 300) at batch 1, 4, 16,
+  over split sizes and tiles.
+JSON to argv[1]; a short table to stdout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
+from sfi_kernels import ranged_decode_attention, skinny_linear
+
+LAYERS = 36
+DEV, DT = torch.device("cuda"), torch.bfloat16
+SHAPES = {"wqkv": (6144, 2560), "wo": (2560, 4096), "w13": (19456, 2560), "w2": (2560, 9728)}
+LM_HEAD = (151936, 2560)
+
+
+def graph_ms(fn, reps: int = 10, rounds: int = 5) -> float:
+    """Median milliseconds of one replay of a graph of `fn` (after warm-up on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    del g
+    return statistics.median(times)
+
+
+def gemm_configs(m: int, n: int):
+    if m == 1:
+        grid = itertools.product((4, 8, 16), (512, 1024), (1, 2, 4), ((4, 3), (8, 4)))
+    else:
+        grid = itertools.product((16, 32, 64), (128, 256), (1, 2, 4), ((4, 3), (4, 4)))
+    for bn, bk, split, (warps, stages) in grid:
+        programs = -(-n // bn) * split
+        if split > 1 and programs > 2048:
+            continue
+        yield bn, bk, split, warps, stages
+
+
+def bench_gemm(out: dict) -> None:
+    copy_gbps = out["copy_GBps"]
+    for name, (n, k) in {**SHAPES, "lm_head": LM_HEAD}.items():
+        copies = 1 if name == "lm_head" else LAYERS
+        ws = [torch.randn(n, k, device=DEV, dtype=DT) / k**0.5 for _ in range(copies)]
+        nbytes = copies * n * k * 2
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device=DEV, dtype=DT)
+            ref = F.linear(x, ws[0])
+            cublas = graph_ms(lambda x=x: [F.linear(x, w) for w in ws])
+            best = None
+            tried = 0
+            for cfg in gemm_configs(m, n):
+                try:
+                    y = skinny_linear(x, ws[0], config=cfg)
+                    err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                    if not err < 1e-2:
+                        raise RuntimeError(f"rel err {err}")
+                    ms = graph_ms(lambda x=x, cfg=cfg: [skinny_linear(x, w, config=cfg) for w in ws], reps=5,
+                                  rounds=3)
+                except Exception as exc:  # a configuration that does not compile, or a wrong one
+                    out.setdefault("gemm_errors", []).append([name, m, cfg, str(exc)[:100]])
+                    continue
+                tried += 1
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            y = skinny_linear(x, ws[0])
+            default_ms = graph_ms(lambda x=x: [skinny_linear(x, w) for w in ws])
+            row = {"name": name, "m": m, "n": n, "k": k, "copies": copies,
+                   "cublas_ms": cublas, "cublas_GBps": nbytes / cublas / 1e6,
+                   "default_ms": default_ms, "default_GBps": nbytes / default_ms / 1e6,
+                   "best_ms": best[0] if best else None, "best_cfg": best[1] if best else None,
+                   "best_GBps": nbytes / best[0] / 1e6 if best else None, "configs_tried": tried}
+            out["gemm"].append(row)
+            print(f"{name:8s} m={m:2d}: cublas {row['cublas_GBps']:6.0f} GB/s ({100 * row['cublas_GBps'] / copy_gbps:3.0f}%"
+                  f" of copy), triton default {row['default_GBps']:6.0f}, best {row['best_GBps'] or 0:6.0f} "
+                  f"{row['best_cfg']}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
+def bench_attention(out: dict) -> None:
+    hq, hkv, d = 32, 8, 128
+    for label, batch, clen, span in (("dense8k", 1, 0, 8192), ("dense8k", 4, 0, 8192), ("fast", 1, 2052, 300),
+                                     ("fast", 4, 2052, 300), ("fast", 16, 2052, 300), ("dense32k", 1, 0, 32768)):
+        s = max(span, 512)
+        kc = [torch.randn(batch, hkv, s, d, device=DEV, dtype=DT) for _ in range(LAYERS)]
+        vc = [torch.randn_like(t) for t in kc]
+        mk = [torch.randn(batch, hkv, max(clen, 1), d, device=DEV, dtype=DT) for _ in range(LAYERS)]
+        mv = [torch.randn_like(t) for t in mk]
+        q = torch.randn(batch, hq, d, device=DEV, dtype=DT)
+        i32 = lambda v: torch.full((batch,), v, device=DEV, dtype=torch.int32)  # noqa: E731
+        rows = torch.arange(batch, device=DEV, dtype=torch.int32)
+        clen_t, start_t, span_t = i32(clen), i32(0), i32(span)
+        nbytes = LAYERS * batch * hkv * (clen + span) * d * 2 * 2
+        results = []
+        for split, bn, warps, stages in itertools.product((64, 128, 256, 512), (32, 64), (4, 8), (2, 3, 4)):
+            if bn > split:
+                continue
+            kw = dict(max_keys=clen + span, split=split, block_n=bn, num_warps=warps, num_stages=stages)
+            try:
+                ms = graph_ms(lambda kw=kw: [ranged_decode_attention(q, kc[i], vc[i], mk[i], mv[i], rows, clen_t,
+                                                                     start_t, span_t, **kw) for i in range(LAYERS)],
+                              reps=5, rounds=3)
+            except Exception as exc:
+                out.setdefault("attn_errors", []).append([label, batch, kw, str(exc)[:100]])
+                continue
+            results.append({"split": split, "block_n": bn, "warps": warps, "stages": stages, "ms": ms,
+                            "GBps": nbytes / ms / 1e6})
+        default = graph_ms(lambda: [ranged_decode_attention(q, kc[i], vc[i], mk[i], mv[i], rows, clen_t, start_t,
+                                                            span_t, max_keys=clen + span) for i in range(LAYERS)])
+        results.sort(key=lambda r: r["ms"])
+        row = {"case": label, "batch": batch, "keys": clen + span, "default_ms": default,
+               "default_GBps": nbytes / default / 1e6, "best": results[:5]}
+        out["attention"].append(row)
+        print(f"attn {label:8s} b={batch:2d}: default {default * 1e3 / LAYERS:6.1f} us/layer "
+              f"({row['default_GBps']:5.0f} GB/s), best {results[0]['ms'] * 1e3 / LAYERS:6.1f} us/layer "
+              f"{ {k: results[0][k] for k in ('split', 'block_n', 'warps', 'stages')} }", flush=True)
+        del kc, vc, mk, mv
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    from sfi.bench import measure_copy_bandwidth
+
+    out = {"device": torch.cuda.get_device_name(), "copy_GBps": measure_copy_bandwidth(DEV) / 1e9, "gemm": [],
+           "attention": []}
+    print("copy GB/s", out["copy_GBps"], flush=True)
+    try:
+        bench_attention(out)
+        bench_gemm(out)
+    finally:
+        with open(sys.argv[1], "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Skinny GEMM for decode steps: y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]) for a handful of rows (M <= 16).
+
+A decode step multiplies a few activation rows by every weight matrix once, so it is bound by streaming the
+weights: each program owns BLOCK_N output columns (BLOCK_N rows of w, read once, contiguous along K) and, with
+SPLIT_K > 1, one of SPLIT_K slices of K, so that narrow matrices (N = hidden size) still put enough programs
+on the GPU. Split partials go to a float32 buffer [SPLIT_K, M, N] and a second launch adds them in a fixed
+order: no atomics, so results do not depend on timing. Rows go through the tensor cores padded to 16
+(M >= 2) or, for one row, as plain multiply-adds.
+
+`w` is an nn.Linear weight (row-major [N, K]); x [..., K] with prod(...) = M. float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the reference
+    triton = None
+
+MAX_ROWS = 16
+
+
+def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w, bias)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                            K_SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
+                            M_PAD: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, M_PAD)
+        nmask = n < N
+        mmask = m < M
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < k_hi
+            w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + k[None, :],
+                        mask=nmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0)  # [M_PAD, BLOCK_K]
+            if USE_DOT and UPCAST:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            elif USE_DOT:
+                acc += tl.dot(x, tl.trans(w))
+            else:  # M_PAD == 1
+                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        out_mask = mmask[:, None] & nmask[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.store(part_ptr + (pid_k * M_PAD + m[:, None]) * N + n[None, :], acc, mask=out_mask)
+
+    @triton.jit
+    def _split_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
+                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        nmask = n < N
+        acc = tl.zeros([BLOCK], tl.float32)
+        for s in range(SPLIT_K):  # a fixed order: the same sum on every run
+            acc += tl.load(part_ptr + (s * M_PAD + m) * N + n, mask=nmask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a shape; see bench/gpu_gemv_sweep.py."""
+    block_n = 32 if m > 1 else 16
+    programs = triton.cdiv(n, block_n)
+    split = 1
+    while programs * split < 264 and k // (split * 2) >= 1024:  # about two programs per SM on an H100/H200
+        split *= 2
+    return block_n, 256, split, 4, 3
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off
+    a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
+    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"expected x [..., K] and w [N, K], got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"expected bias [{w.shape[0]}], got {tuple(bias.shape)}")
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if triton is None or m > MAX_ROWS or m == 0 or not (x.is_cuda or _interpreting()):
+        return skinny_linear_ref(x, w, bias)
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}")
+    if w.stride(1) != 1:
+        raise ValueError(f"w must be contiguous along K, got strides {w.stride()}")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    block_n, block_k, split, warps, stages = config or default_config(m, n, k)
+    m_pad = 1 if m == 1 else MAX_ROWS
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, m_pad, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    b = bias if bias is not None else w
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n), split)](
+        x2, w, b, y, part, m, n, k, x2.stride(0), w.stride(0), y.stride(0), k_split,
+        # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
+        HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=_interpreting() or x.dtype == torch.float32,
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_sum_kernel[(m, triton.cdiv(n, block))](part, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None,
+                                                      M_PAD=m_pad, SPLIT_K=split, BLOCK=block, num_warps=4)
+    return y.view(*x.shape[:-1], n)
