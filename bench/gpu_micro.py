@@ -5,11 +5,12 @@ on its own weights or cache, so nothing is served from L2) captured in a CUDA gr
   matrix of the Qwen3-4B shape at 1, 4 and 16 rows; achieved GB/s of weights read.
 - Ranged decode attention: dense rows at 8k and SFI fast rows (compact 2052 + recent 300) at batch 1, 4, 16,
   over split sizes and tiles.
-JSON to argv[1]; a short table to stdout.
+JSON to argv[1]; a short table to stdout. With argv[2] == "quick", only cuBLAS and the defaults (no sweeps).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import statistics
@@ -22,6 +23,7 @@ import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a sourc
 from sfi_kernels import ranged_decode_attention, skinny_linear
 
 LAYERS = 36
+QUICK = len(sys.argv) > 2 and sys.argv[2] == "quick"
 DEV, DT = torch.device("cuda"), torch.bfloat16
 SHAPES = {"wqkv": (6144, 2560), "wo": (2560, 4096), "w13": (19456, 2560), "w2": (2560, 9728)}
 LM_HEAD = (151936, 2560)
@@ -53,8 +55,17 @@ def graph_ms(fn, reps: int = 10, rounds: int = 5) -> float:
     return statistics.median(times)
 
 
+def _gemms(x, ws, cfg=None, torch_linear=False):
+    return [F.linear(x, w) if torch_linear else skinny_linear(x, w, config=cfg) for w in ws]
+
+
+def _attns(q, kc, vc, mk, mv, ranges, **kw):
+    return [ranged_decode_attention(q, kc[i], vc[i], mk[i], mv[i], *ranges, **kw) for i in range(LAYERS)]
+
+
 def gemm_configs(m: int, n: int):
-    if m == 1:
+    if QUICK:
+        return
         grid = itertools.product((4, 8, 16), (512, 1024), (1, 2, 4), ((4, 3), (8, 4)))
     else:
         grid = itertools.product((16, 32, 64), (128, 256), (1, 2, 4), ((4, 3), (4, 4)))
@@ -74,7 +85,7 @@ def bench_gemm(out: dict) -> None:
         for m in (1, 4, 16):
             x = torch.randn(m, k, device=DEV, dtype=DT)
             ref = F.linear(x, ws[0])
-            cublas = graph_ms(lambda x=x: [F.linear(x, w) for w in ws])
+            cublas = graph_ms(functools.partial(_gemms, x, ws, torch_linear=True))
             best = None
             tried = 0
             for cfg in gemm_configs(m, n):
@@ -83,24 +94,23 @@ def bench_gemm(out: dict) -> None:
                     err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                     if not err < 1e-2:
                         raise RuntimeError(f"rel err {err}")
-                    ms = graph_ms(lambda x=x, cfg=cfg: [skinny_linear(x, w, config=cfg) for w in ws], reps=5,
-                                  rounds=3)
+                    ms = graph_ms(functools.partial(_gemms, x, ws, cfg), reps=5, rounds=3)
                 except Exception as exc:  # a configuration that does not compile, or a wrong one
                     out.setdefault("gemm_errors", []).append([name, m, cfg, str(exc)[:100]])
                     continue
                 tried += 1
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
-            y = skinny_linear(x, ws[0])
-            default_ms = graph_ms(lambda x=x: [skinny_linear(x, w) for w in ws])
+            default_ms = graph_ms(functools.partial(_gemms, x, ws))
             row = {"name": name, "m": m, "n": n, "k": k, "copies": copies,
                    "cublas_ms": cublas, "cublas_GBps": nbytes / cublas / 1e6,
                    "default_ms": default_ms, "default_GBps": nbytes / default_ms / 1e6,
                    "best_ms": best[0] if best else None, "best_cfg": best[1] if best else None,
                    "best_GBps": nbytes / best[0] / 1e6 if best else None, "configs_tried": tried}
             out["gemm"].append(row)
-            print(f"{name:8s} m={m:2d}: cublas {row['cublas_GBps']:6.0f} GB/s ({100 * row['cublas_GBps'] / copy_gbps:3.0f}%"
-                  f" of copy), triton default {row['default_GBps']:6.0f}, best {row['best_GBps'] or 0:6.0f} "
+            pct = 100 * row["cublas_GBps"] / copy_gbps
+            print(f"{name:8s} m={m:2d}: cublas {row['cublas_GBps']:6.0f} GB/s ({pct:3.0f}% of copy), "
+                  f"triton default {row['default_GBps']:6.0f}, best {row['best_GBps'] or 0:6.0f} "
                   f"{row['best_cfg']}", flush=True)
         del ws
         torch.cuda.empty_cache()
@@ -116,27 +126,26 @@ def bench_attention(out: dict) -> None:
         mk = [torch.randn(batch, hkv, max(clen, 1), d, device=DEV, dtype=DT) for _ in range(LAYERS)]
         mv = [torch.randn_like(t) for t in mk]
         q = torch.randn(batch, hq, d, device=DEV, dtype=DT)
-        i32 = lambda v: torch.full((batch,), v, device=DEV, dtype=torch.int32)  # noqa: E731
         rows = torch.arange(batch, device=DEV, dtype=torch.int32)
-        clen_t, start_t, span_t = i32(clen), i32(0), i32(span)
+        ranges = [rows] + [torch.full((batch,), v, device=DEV, dtype=torch.int32) for v in (clen, 0, span)]
+        attns = functools.partial(_attns, q, kc, vc, mk, mv, ranges, max_keys=clen + span)
         nbytes = LAYERS * batch * hkv * (clen + span) * d * 2 * 2
         results = []
-        for split, bn, warps, stages in itertools.product((64, 128, 256, 512), (32, 64), (4, 8), (2, 3, 4)):
+        grid = itertools.product((64, 128, 256, 512), (32, 64), (4, 8), (2, 3, 4)) if not QUICK else ()
+        for split, bn, warps, stages in grid:
             if bn > split:
                 continue
-            kw = dict(max_keys=clen + span, split=split, block_n=bn, num_warps=warps, num_stages=stages)
+            kw = dict(split=split, block_n=bn, num_warps=warps, num_stages=stages)
             try:
-                ms = graph_ms(lambda kw=kw: [ranged_decode_attention(q, kc[i], vc[i], mk[i], mv[i], rows, clen_t,
-                                                                     start_t, span_t, **kw) for i in range(LAYERS)],
-                              reps=5, rounds=3)
+                ms = graph_ms(functools.partial(attns, **kw), reps=5, rounds=3)
             except Exception as exc:
                 out.setdefault("attn_errors", []).append([label, batch, kw, str(exc)[:100]])
                 continue
             results.append({"split": split, "block_n": bn, "warps": warps, "stages": stages, "ms": ms,
                             "GBps": nbytes / ms / 1e6})
-        default = graph_ms(lambda: [ranged_decode_attention(q, kc[i], vc[i], mk[i], mv[i], rows, clen_t, start_t,
-                                                            span_t, max_keys=clen + span) for i in range(LAYERS)])
+        default = graph_ms(attns)
         results.sort(key=lambda r: r["ms"])
+        results = results or [{"ms": default, "split": None, "block_n": None, "warps": None, "stages": None}]
         row = {"case": label, "batch": batch, "keys": clen + span, "default_ms": default,
                "default_GBps": nbytes / default / 1e6, "best": results[:5]}
         out["attention"].append(row)

@@ -1,6 +1,6 @@
-"""Where a slow row's refresh time goes (Qwen3-4B shape, bf16, random cache and logits): one layer's
-in-step refresh (fused Selector scores, top-k, compaction writer) for `slots` slow rows, timed alone and
-by kernel name. JSON to argv[1]."""
+"""Where a slow row's refresh time goes (Qwen3-4B shape, bf16, random cache and logits): one layer group's
+in-step refresh (fused Selector scores, top-k threshold, kept positions, compaction writer) for `slots` slow
+rows, timed alone and by kernel name. JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ def refresh_case(model, ctx: int, cfg: SfiConfig, slots: int = 1) -> StepRefresh
 
 
 def refresh_ms(r: StepRefresh, reps: int) -> float:
-    """Wall milliseconds of one layer's refresh, on the current stream, after two warm-ups."""
+    """Wall milliseconds of one layer group's refresh, on the current stream, after two warm-ups."""
     for _ in range(2):
         r._refresh(0)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for i in range(reps):
-        r._refresh(i % r.cache.k.shape[0])
+        r._refresh(i % (r.cache.k.shape[0] // r.group))
     torch.cuda.synchronize()
     return 1e3 * (time.perf_counter() - t) / reps
 
@@ -62,8 +62,9 @@ def main() -> None:
             if ev.device_type == torch.autograd.DeviceType.CUDA:
                 by[ev.name[:100]] += ev.device_time_total / 1e3
         top = sorted(by.items(), key=lambda kv: -kv[1])[:12]
-        out[f"{ctx}x{slots}"] = {"layer_wall_ms": wall, "all_layers_ms": wall * model.args.n_layers,
-                                 "layer_gpu_ms": sum(by.values()), "top": top}
+        groups = model.args.n_layers // r.group
+        out[f"{ctx}x{slots}"] = {"group_wall_ms": wall, "all_layers_ms": wall * groups,
+                                 "group_gpu_ms": sum(by.values()), "layers_per_group": r.group, "top": top}
         print(ctx, slots, out[f"{ctx}x{slots}"], flush=True)
         del r
         torch.cuda.empty_cache()

@@ -33,7 +33,7 @@ def compact_write_ref(k_cache, v_cache, mem_k, mem_v, rows, lo, count, picks, si
     _check(k_cache, v_cache, mem_k, mem_v, rows, lo, count, picks, sink)
     d = k_cache.shape[-1]
     for p in range(rows.shape[0]):
-        r, start, n = int(rows[p]), int(lo[p]), max(0, int(count[p]))
+        r, start, n = int(rows[p]), int(lo[p]), min(max(0, int(count[p])), picks.shape[2])
         index = (picks[p, :, :n].long() + start)[..., None].expand(-1, -1, d)  # [Hkv, n, D]
         for src, dst in ((k_cache, mem_k), (v_cache, mem_v)):
             dst[r, :, :sink] = src[r, :, :sink]

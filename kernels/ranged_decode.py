@@ -217,10 +217,16 @@ def _check_capture(q: torch.Tensor, k_cache: torch.Tensor, c: LogitCapture) -> N
         raise ValueError("capture: z and norms must be float32 with unit stride along C")
 
 
-def default_split(max_keys: int) -> int:
-    """Keys per split: short rows keep more splits (fills the GPU at batch 1), long rows fewer, longer ones
-    (H100 sweep, bench/results/2026-11-22-h100-ranged-kernel-sweep.json)."""
-    return 512 if max_keys > 16384 else 256
+def default_split(max_keys: int, row_heads: int = 8) -> int:
+    """Keys per split for rows of up to `max_keys` keys and `row_heads` = rows x KV heads: the smallest power of
+    two from 64 to 512 that keeps the launch within about 640 programs. Short rows at small batches need short
+    splits to fill the GPU (an SFI fast row of 2.4k keys at batch 1: 11 us per layer with 64, 18 us with 256);
+    long or many rows, long splits. From a sweep in CUDA graphs on an H200 (bench/gpu_micro.py,
+    bench/results/2026-12-01-h200-micro.json)."""
+    split = 64
+    while split < 512 and -(-max_keys // split) * row_heads > 640:
+        split *= 2
+    return split
 
 
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
@@ -241,7 +247,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if max_keys is None:
         max_keys = int((compact_len + span_len).max())
-    split = split or default_split(max_keys)
+    split = split or default_split(max_keys, b * hkv)
     n_split = max(1, triton.cdiv(max_keys, split))
     part_o = torch.empty(b, hq, n_split, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, n_split, dtype=torch.float32, device=q.device)

@@ -80,7 +80,7 @@ def _decode_ranged(layer: int, q: torch.Tensor, cache: KVCache, step, scale: flo
     if refresh is not None:
         refresh.before_attention(layer)
     out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
-                                     capture=refresh.capture(layer) if refresh is not None else None)
+                                     split=step.split, capture=refresh.capture(layer) if refresh is not None else None)
     if refresh is not None:
         refresh.after_attention(layer)  # this layer's Selector and compaction, overlapped with the next layers
     for c in plan.captures if plan is not None else ():

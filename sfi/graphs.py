@@ -7,9 +7,10 @@ or dense row an empty compact range + its whole cache. So slow rows do not break
 others. Slow rows' refreshes run inside the step, each layer's on a side stream right after that layer's
 attention (see sfi.refresh), and are part of the graph.
 
-One graph per (batch size, key-split count, slow-row count): the split count is the number of 256-key
-(512 past 16k) chunks of the longest row, rounded up to a power of two, so a batch growing from 8k to
-8k + 256 tokens keeps its graph, and splits past a row's end cost an empty block each.
+One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row
+and the batch (`default_split`), the split count is the number of splits of the longest row rounded up to a
+power of two, so a growing batch keeps its graph for long stretches, and splits past a row's end cost an
+empty block each.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ class _Buffers:
         self.host = torch.zeros(N_HOST, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied: torch.cuda.Event | None = None
 
-    def step(self, cache: KVCache, memory: SparseMemory | None, max_keys: int,
+    def step(self, cache: KVCache, memory: SparseMemory | None, max_keys: int, split: int,
              refresh: StepRefresh | None) -> DecodeStep:
         rows, clen, start, span = self.meta.unbind(0)
         return DecodeStep(rows=self.rows, positions=self.positions, kv_len=max_keys, whole_cache=False,
-                          fixed_ranges=(rows, clen, start, span, max_keys), memory=memory, refresh=refresh)
+                          fixed_ranges=(rows, clen, start, span, max_keys), memory=memory, refresh=refresh,
+                          split=split)
 
 
 class StaticDecoder:
@@ -61,7 +63,7 @@ class StaticDecoder:
         self.model, self.cache, self.memory, self.params = model, cache, memory, params
         self.graphs = graphs and model.device.type == "cuda"
         self._buffers: dict[int, _Buffers] = {}
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captures = 0
         self.captured = False  # the last step captured a new graph (a one-time cost)
@@ -79,9 +81,9 @@ class StaticDecoder:
             buf = self._buffers[b] = _Buffers(self.model, b)
         span = [p + 1 - s for p, s in zip(positions, span_start, strict=True)]
         longest = max(c + s for c, s in zip(compact_len, span, strict=True))
-        split = default_split(longest)
+        split = default_split(longest, b * self.cache.k.shape[2])
         n_split = _bucket(-(-longest // split))
-        max_keys = n_split * split  # the kernel's own split for max_keys is `split` again
+        max_keys = n_split * split
         host = buf.host
         if buf.copied is not None:
             buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
@@ -108,11 +110,12 @@ class StaticDecoder:
             refresh.meta.copy_(dev[10:14])
             refresh = refresh.for_step(len(slow))
         if not self.graphs:
-            return self.model.decode(buf.tokens, self.cache, buf.step(self.cache, self.memory, max_keys, refresh))
-        key = (b, max_keys, len(slow))
+            return self.model.decode(buf.tokens, self.cache,
+                                     buf.step(self.cache, self.memory, max_keys, split, refresh))
+        key = (b, max_keys, split, len(slow))
         self.captured = key not in self._graphs
         if self.captured:
-            self._graphs[key] = self._capture(buf, max_keys, refresh)
+            self._graphs[key] = self._capture(buf, max_keys, split, refresh)
         graph, logits = self._graphs[key]
         graph.replay()
         return logits
@@ -126,9 +129,9 @@ class StaticDecoder:
                                                 self.model.args.n_heads)
         return buf.refresh[capacity]
 
-    def _capture(self, buf: _Buffers, max_keys: int,
+    def _capture(self, buf: _Buffers, max_keys: int, split: int,
                  refresh: StepRefresh | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        step = buf.step(self.cache, self.memory, max_keys, refresh)
+        step = buf.step(self.cache, self.memory, max_keys, split, refresh)
         # Warm up on a side stream (lazy initialisation, Triton compilation), as capture requires. The
         # warm-up writes the same cache positions the real step will write, with the same values.
         side = torch.cuda.Stream()

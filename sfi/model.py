@@ -27,6 +27,7 @@ from sfi_kernels import (
     rms_norm_ref,
     silu_mul,
     silu_mul_ref,
+    skinny_linear,
 )
 
 from . import attention
@@ -134,6 +135,7 @@ class DecodeStep:
     fixed_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
     memory: Any = None
     refresh: Any = None
+    split: int | None = None  # keys per split of the ranged kernel (None: its default for the step's shape)
 
     @functools.cached_property
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -167,6 +169,16 @@ class RMSNorm(nn.Module):
 def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + r, norm(h + r)): one fused launch on a GPU, the kernel's reference on a CPU."""
     return (add_rms_norm if h.is_cuda else add_rms_norm_ref)(h, r, norm.weight, norm.eps)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A projection of a decode step: on a GPU, 2 to 16 rows go through the skinny Triton GEMM, which streams
+    the weights faster than cuBLAS at those sizes (H200: bench/results/2026-12-01-h200-micro.json); one row
+    (cuBLAS is as fast) and prefill chunks go through nn.Linear."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda and 2 <= rows <= 16:
+        return skinny_linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 class Attention(nn.Module):
@@ -227,10 +239,10 @@ class Attention(nn.Module):
         # launch on a GPU, the kernel's reference on a CPU.
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        q = (decode_qkv if x.is_cuda else decode_qkv_ref)(self.wqkv(x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
+        q = (decode_qkv if x.is_cuda else decode_qkv_ref)(_linear(self.wqkv, x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
                                                            step.rows, step.positions, self.n_heads, self.n_kv_heads)
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
-        return self.wo(out.reshape(b, 1, -1))
+        return _linear(self.wo, out.reshape(b, 1, -1))
 
 
 class MLP(nn.Module):
@@ -241,7 +253,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2((silu_mul if x.is_cuda else silu_mul_ref)(self.w13(x)))  # SiLU(gate) * up
+        return _linear(self.w2, (silu_mul if x.is_cuda else silu_mul_ref)(_linear(self.w13, x)))  # SiLU(gate) * up
 
 
 class Block(nn.Module):
@@ -354,4 +366,4 @@ class Transformer(nn.Module):
             h, x = _add_norm(h, block.mlp(x), after)
         if step.refresh is not None:
             step.refresh.finish()  # the last layers' refreshes are done before the step is
-        return self.output(x[:, 0]).float()
+        return _linear(self.output, x[:, 0]).float()

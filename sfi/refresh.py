@@ -1,17 +1,21 @@
-"""The slow rows' refresh inside a static decode step, layer by layer, overlapped with the layers after it.
+"""The slow rows' refresh inside a static decode step, a group of layers at a time, overlapped with the layers
+after it.
 
 A slow row's attention (the ranged kernel over its whole cache) also leaves the Selector's inputs for its
-domain: the scaled logits of its queries and the norms of its keys (one read of K for both). Right after
-layer l's attention, the refresh of layer l (fused Selector scores, top-k, compaction writer) is queued
-on a side stream while the main stream goes on with layer l + 1; the step ends by joining the two. On a
-CPU the same work runs inline.
+domain: the scaled logits of its queries and the norms of its keys (one read of K for both). After the last
+attention of a group of layers, the refresh of the whole group (fused Selector scores, the top-k threshold,
+kept positions, compaction writer: about ten launches for every layer and slow row of the group at once) is
+queued on a side stream while the main stream goes on with the next layers; the step ends by joining the
+two. Refreshing layer by layer would cost the same ten launches per layer, a chain of several hundred small
+kernels that outlasts the step itself at short contexts; three groups keep the chain short and still overlap
+two thirds of it. On a CPU the same work runs inline.
 
-Ordering, not timing, decides every result: layer l's refresh waits for layer l's attention (an event);
-the logits live in a ring of `RING` layer buffers, so layer l's attention first waits for the refresh of
-layer l - RING to finish reading the slot it reuses; the next step starts after the join. The refresh
-writes only the slow rows' compact memory of layer l, which no one reads in this step (slow rows read
-none of it, fast rows read their own). Everything has static shapes and device-side metadata, so the
-whole step, refresh included, is captured in one CUDA graph per (batch, key capacity, slow-row count).
+Ordering, not timing, decides every result: a group's refresh waits for its last attention (stream order);
+the logits live in two group buffers, so group j's first attention waits for the refresh of group j - 2 to
+finish reading the buffer it reuses; the next step starts after the join. The refresh writes only the slow
+rows' compact memory of its layers, which no one reads in this step (slow rows read none of it, fast rows
+read their own). Everything has static shapes and device-side metadata, so the whole step, refresh included,
+is captured in one CUDA graph per (batch, key capacity, slow-row count).
 
 Slots: slot s (0 <= s < S) is the s-th slow row of the step; `meta` holds per slot its cache row, the
 first domain position lo, the domain length n and the number of picks kept, min(k_head, n).
@@ -21,13 +25,19 @@ from __future__ import annotations
 
 import torch
 
-from sfi_kernels import LogitCapture, compact_write, selector_scores
+from sfi_kernels import LogitCapture, compact_write, kept_positions, selector_scores
 
 from .cache import KVCache
 from .memory import SparseMemory
-from .selector import SelectorParams, top_positions
+from .selector import SelectorParams
 
-RING = 4  # layers of logits in flight: bounds the buffers (128k x batch 3: ~0.3 GB) without stalling
+GROUPS = 3  # refresh groups per step (fewer when the layer count has no divisor near n_layers / 3)
+
+
+def group_size(n_layers: int, groups: int = GROUPS) -> int:
+    """Layers refreshed together: the largest divisor of n_layers not above ceil(n_layers / groups)."""
+    target = -(-n_layers // groups)
+    return max(g for g in range(1, target + 1) if n_layers % g == 0)
 
 
 class StepRefresh:
@@ -38,18 +48,21 @@ class StepRefresh:
     def __init__(self, cache: KVCache, memory: SparseMemory, params: SelectorParams, batch: int, capacity: int,
                  n_heads: int) -> None:
         self.cache, self.memory, self.params = cache, memory, params
-        n_layers, _, hkv, _, _ = cache.k.shape
-        self.ring = min(RING, n_layers)
+        n_layers, bc, hkv, _, _ = cache.k.shape
+        self.group = g = group_size(n_layers)
         dev = cache.k.device
-        self.z = torch.zeros(self.ring, batch, n_heads, capacity, dtype=torch.float32, device=dev)
-        self.norms = torch.zeros(self.ring, batch, hkv, capacity, dtype=torch.float32, device=dev)
+        # [2 group buffers, slot, layer of the group, heads, position]: a group's problems are contiguous.
+        self.z = torch.zeros(2, batch, g, n_heads, capacity, dtype=torch.float32, device=dev)
+        self.norms = torch.zeros(2, batch, g, hkv, capacity, dtype=torch.float32, device=dev)
         self.row_meta = torch.full((3, batch), -1, dtype=torch.int32, device=dev)
         self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)
+        # Row of the [L * Bc] flattened cache for (group, layer of the group), before adding the cache row.
+        self.layer_rows = (torch.arange(n_layers, dtype=torch.int32, device=dev) * bc).view(-1, g)
         self.n_slots = 0
         self.cuda = dev.type == "cuda"
         if self.cuda:
             self.side = torch.cuda.Stream(device=dev)
-            self.done = [torch.cuda.Event() for _ in range(n_layers)]
+            self.done = [torch.cuda.Event() for _ in range(n_layers // g)]
 
     def for_step(self, n_slots: int) -> StepRefresh | None:
         """This object set up for a step with `n_slots` slow rows, or None when there are none."""
@@ -58,33 +71,49 @@ class StepRefresh:
 
     def capture(self, layer: int) -> LogitCapture:
         slot, lo, hi = self.row_meta.unbind(0)
-        buf = layer % self.ring
-        return LogitCapture(slot, lo, hi, self.z[buf], self.norms[buf])
+        buf, j = (layer // self.group) % 2, layer % self.group
+        return LogitCapture(slot, lo, hi, self.z[buf, :, j], self.norms[buf, :, j])
 
     def before_attention(self, layer: int) -> None:
-        if self.cuda and layer >= self.ring:
-            torch.cuda.current_stream().wait_event(self.done[layer - self.ring])  # its ring slot is free
+        group = layer // self.group
+        if self.cuda and layer % self.group == 0 and group >= 2:
+            torch.cuda.current_stream().wait_event(self.done[group - 2])  # its buffer has been read
 
     def after_attention(self, layer: int) -> None:
+        if (layer + 1) % self.group:
+            return
+        group = layer // self.group
         if not self.cuda:
-            self._refresh(layer)
+            self._refresh(group)
             return
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            self._refresh(layer)
-            self.done[layer].record()
+            self._refresh(group)
+            self.done[group].record()
 
     def finish(self) -> None:
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.side)
 
-    def _refresh(self, layer: int) -> None:
-        s, buf = self.n_slots, layer % self.ring
+    def _refresh(self, group: int) -> None:
+        s, g = self.n_slots, self.group
         rows, lo, n, count = self.meta[:, :s].unbind(0)
-        hq, cap = self.z.shape[2], self.z.shape[3]
-        hkv = self.norms.shape[2]
-        z = self.z[buf, :s].view(s, hkv, hq // hkv, cap)  # query heads h*G..h*G+G-1 share KV head h
-        score = selector_scores(z, self.norms[buf, :s], n, self.params)  # [S, Hkv, C], -inf past n
-        picks = top_positions(score, self.memory.k_head)  # [S, Hkv, min(k_head, C)], domain order
+        hq, cap = self.z.shape[3], self.z.shape[4]
+        hkv = self.norms.shape[3]
+        buf = group % 2
+        # Problem p = slot * g + layer of the group; query heads h*G..h*G+G-1 share KV head h.
+        z = self.z[buf, :s].view(s * g, hkv, hq // hkv, cap)
+        per_problem = lambda t: t.repeat_interleave(g)  # noqa: E731  [S] -> [S * g]
+        score = selector_scores(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
+        k = min(self.memory.k_head, cap)
+        if k:
+            kth = torch.topk(score, k, dim=-1, sorted=False).values.amin(dim=-1)  # [S * g, Hkv]
+            picks = kept_positions(score, kth, k)  # [S * g, Hkv, k], domain order; -inf (past n) last
+        else:  # k_head 0: the memory is the sink alone
+            picks = torch.empty(s * g, hkv, 0, dtype=torch.int32, device=score.device)
+        # The compaction writer sees the layers of the cache and memory as rows: row = layer * Bc + cache row.
+        flat_rows = (self.layer_rows[group][None, :] + rows[:, None]).view(-1)
         c, m = self.cache, self.memory
-        compact_write(c.k[layer], c.v[layer], m.k[layer], m.v[layer], rows, lo, count, picks, m.sink)
+        flat = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731  [L, Bc, ...] -> [L * Bc, ...]
+        compact_write(flat(c.k), flat(c.v), flat(m.k), flat(m.v), flat_rows, per_problem(lo), per_problem(count),
+                      picks, m.sink)

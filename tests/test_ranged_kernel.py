@@ -113,3 +113,17 @@ def test_capture_writes_domain_logits_and_norms(hq, hkv, d, dtype):
             torch.testing.assert_close(norms[slot, :, : hi - lo].double(), keys.norm(dim=-1), atol=1e-4, rtol=1e-4)
             assert z[slot, :, hi - lo:].isnan().all() and norms[slot, :, hi - lo:].isnan().all()
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_default_split_fills_the_gpu_without_too_many_programs():
+    from sfi_kernels import default_split
+
+    for keys in (1, 27, 2352, 8192, 32768, 131072):
+        for row_heads in (8, 32, 128):
+            split = default_split(keys, row_heads)
+            assert split in (64, 128, 256, 512)
+            programs = -(-keys // split) * row_heads
+            assert programs <= 640 or split == 512  # within the budget unless splits are already the longest
+            if split > 64:  # a shorter split would have gone over the budget
+                assert -(-keys // (split // 2)) * row_heads > 640
+    assert default_split(2352, 8) == 64 and default_split(2352, 32) == 128 and default_split(8192, 32) == 512

@@ -17,9 +17,12 @@ from sfi.stopping import StopChecker
 import tiny
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3-6-layers"])
 def lm(request, tmp_path_factory):
-    return tiny.load_for_sfi(tmp_path_factory.mktemp(request.param), request.param, seed=5)
+    # Six layers: the in-step refresh runs in three groups of two, and the third reuses the first's buffer.
+    family, layers = (request.param.split("-")[0], {"num_hidden_layers": 6}) if "layers" in request.param else \
+        (request.param, {})
+    return tiny.load_for_sfi(tmp_path_factory.mktemp(request.param), family, seed=5, **layers)
 
 
 def prompt(n, offset=0):
@@ -59,3 +62,9 @@ def test_static_steps_match_op_by_op(lm, recipe):
 
 def test_split_buckets_are_powers_of_two():
     assert [_bucket(n) for n in (1, 2, 3, 5, 8, 9, 200)] == [1, 2, 4, 8, 8, 16, 256]
+
+
+def test_refresh_groups_divide_the_layers():
+    from sfi.refresh import group_size
+
+    assert [group_size(n) for n in (1, 2, 6, 28, 30, 36, 31)] == [1, 1, 2, 7, 10, 12, 1]

@@ -75,10 +75,10 @@ def make_checkpoint(folder: Path, family: str, seed: int = 0, **overrides) -> Pa
     return folder
 
 
-def load_for_sfi(tmp_root: Path, family: str, seed: int):
+def load_for_sfi(tmp_root: Path, family: str, seed: int, **overrides):
     """A tiny checkpoint loaded on CPU for SFI tests: Qwen3 gets 4 KV heads so the Selector's cross-head
     exclusivity runs; Llama keeps 2 (exclusivity skipped)."""
     from sfi.loader import load_model
 
-    overrides = {"num_key_value_heads": 4} if family == "qwen3" else {}
+    overrides = ({"num_key_value_heads": 4} if family == "qwen3" else {}) | overrides
     return load_model(str(make_checkpoint(tmp_root, family, seed=seed, **overrides)), device="cpu")
