@@ -1,8 +1,10 @@
-"""GPU checks for the static/CUDA-graph decode path, run on the device machine:
-graph vs op-by-op tokens, graph determinism, graphs on/off step time, refresh cost (timed alone). JSON to argv[1]."""
+"""GPU checks for the static/CUDA-graph decode path, run on the device machine: graph vs op-by-op tokens, graph
+determinism, the overlapped refresh against the same refresh inline on the main stream (ordering, not timing:
+identical tokens), graphs on/off step time, refresh cost (timed alone). JSON to argv[1]."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -13,6 +15,7 @@ from sfi.bench import bench_ours, random_model
 from sfi.boundary import FixedPeriod
 from sfi.config import SfiConfig
 from sfi.decoder import Request, generate
+from sfi.refresh import StepRefresh
 from sfi.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
@@ -29,6 +32,22 @@ def decode(model, prompts, new, cfg, **kw):
     for e in generate(model, reqs, prefill_chunk=1024, runtime=runtime, **kw):
         kinds += getattr(e, "kinds", None) or []
     return [r.stopper.token_ids for r in reqs], kinds
+
+
+@contextlib.contextmanager
+def inline_refresh():
+    """The in-step refresh on the main stream, in order (no side stream, no events), as on a CPU."""
+    init = StepRefresh.__init__
+
+    def inline_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.cuda = False
+
+    StepRefresh.__init__ = inline_init
+    try:
+        yield
+    finally:
+        StepRefresh.__init__ = init
 
 
 def agreement(a, b):
@@ -51,7 +70,10 @@ def main() -> None:
         graph, k2 = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
         again, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
         nograph, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=False)
+        with inline_refresh():
+            inline, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
         out[name] = {"graph_vs_op_by_op": agreement(graph, eager), "graph_repeat_identical": graph == again,
+                     "overlapped_vs_inline_refresh_identical": graph == inline,
                      "graph_vs_static_no_graph": agreement(graph, nograph), "kinds_equal": k1 == k2,
                      "slow": k2.count("slow"), "fast": k2.count("fast")}
         print(name, out[name], flush=True)

@@ -87,11 +87,12 @@ def _interpreting() -> bool:
 def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a shape. From a sweep in CUDA graphs on an H200
     (bench/gpu_micro.py, bench/results/2026-12-01-h200-micro.json): 32 columns by 128 keys per step for several
-    rows, 4 by 1024 for one; narrow matrices split K until there are about two programs per multiprocessor."""
+    rows, 4 by 1024 for one; narrow matrices with a long K (4096 and up) split it until there are about two
+    programs per multiprocessor (a split K of 2560 measured slower than none)."""
     block_n, block_k = (4, 1024) if m == 1 else (32, 128)
     programs = -(-n // block_n)
     split = 1
-    while programs * split < 264 and k // (split * 2) >= 1024:
+    while k >= 4096 and programs * split < 264 and k // (split * 2) >= 1024:
         split *= 2
     return block_n, block_k, split, 4, 3
 

@@ -150,7 +150,8 @@ class DecodeStep:
         if plan is not None and plan.fast_idx.numel():
             clen[plan.fast_idx] = plan.compact_len
             start[plan.fast_idx] = plan.recent_start
-            max_keys = max(max_keys, plan.span + int(plan.memory.k.shape[3]))
+        if plan is not None:
+            max_keys = plan.longest  # exact, so the kernel picks the split a static step of these rows picks
         as32 = lambda t: t.to(torch.int32)  # noqa: E731
         return as32(self.rows), as32(clen), as32(start), as32(length - start), max_keys
 

@@ -42,6 +42,7 @@ class SparsePlan:
     compact_len: torch.Tensor  # [n_fast] valid rows of each fast row's compact memory
     recent_start: torch.Tensor  # [n_fast] first cache position of each fast row's recent span
     span: int  # host max of (cache length - recent_start) over the fast rows
+    longest: int  # host max over all rows of the keys the step reads (a fast row: compact + recent span)
     captures: list[Capture]
     memory: SparseMemory | None
     refresh: Refresh
@@ -155,12 +156,15 @@ class SfiRuntime:
         fast = [i for i, kind in enumerate(kinds) if kind == "fast"]
         fast_rows = [active[i] for i in fast]
         span = max((lengths[r] + 1 - self.recent_start[r] for r in fast_rows), default=0)
+        clen, _ = self.ranges(active, kinds)
+        longest = max(c + lengths[r] + 1 - (self.recent_start[r] if k == "fast" else 0)
+                      for c, r, k in zip(clen, active, kinds, strict=True))
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         plan = SparsePlan(
             dense_idx=as_long(dense), fast_idx=as_long(fast),
             compact_len=as_long([self.compact_len[r] for r in fast_rows]),
             recent_start=as_long([self.recent_start[r] for r in fast_rows]),
-            span=span, captures=captures, memory=self.memory, refresh=self.refresh)
+            span=span, longest=longest, captures=captures, memory=self.memory, refresh=self.refresh)
         return kinds, plan
 
     def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float) -> None:
