@@ -97,6 +97,16 @@ def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return block_n, block_k, split, 4, 3
 
 
+def skinny_pays(m: int, n: int, k: int) -> bool:
+    """Whether the skinny kernel beats cuBLAS for this shape on an H200 (bench/results/2026-12-01-h200-micro*.json):
+    from 2 to 16 rows, when its default configuration puts at least two programs on each multiprocessor (so not
+    for one row, nor for [6144, 2560] with its 192 programs)."""
+    if not 2 <= m <= MAX_ROWS or triton is None:
+        return False
+    block_n, _, split, _, _ = default_config(m, n, k)
+    return -(-n // block_n) * split >= 264
+
+
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off

@@ -1,13 +1,15 @@
 """The k kept positions of each head from its scores and its k-th largest score: the Selector's last step.
 
 score [P, H, C] float32 (no NaN); kth [P, H] float32, the k-th largest value of each head's scores (from a
-top-k, which finds values without sorting); k <= C. Returns [P, H, k] int32: every position scored above kth,
-then the lowest positions scored exactly kth until there are k, in ascending order. That is the set a stable
-descending sort would put first, so ties (-inf past a short domain included) are broken by position and the
-result is deterministic.
+top-k, which finds values without sorting); k <= C; optionally n_above [P, H] int32, how many scores exceed
+kth (cheap to count among the top-k values; saves the kernel a pass over C). Returns [P, H, k] int32: every
+position scored above kth, then the lowest positions scored exactly kth until there are k, in ascending order.
+That is the set a stable descending sort would put first, so ties (-inf past a short domain included) are
+broken by position and the result is deterministic.
 
-One Triton program per (p, h): a pass counts the positions above kth, a second writes each kept position at
-its rank (running prefix counts across blocks). No host reads, static shapes: capturable in a CUDA graph.
+One Triton program per (p, h): a pass counts the positions above kth (unless given), a second writes each
+kept position at its rank (running prefix counts across blocks). No host reads, static shapes: capturable in
+a CUDA graph.
 The torch reference takes about ten launches over [P, H, C] index tensors for the same result.
 """
 
@@ -24,8 +26,9 @@ except ImportError:  # CPU installs without triton use the reference
     triton = None
 
 
-def kept_positions_ref(score: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
-    _check(score, kth, k)
+def kept_positions_ref(score: torch.Tensor, kth: torch.Tensor, k: int,
+                       n_above: torch.Tensor | None = None) -> torch.Tensor:
+    _check(score, kth, k, n_above)
     above = score > kth[..., None]
     tied = score == kth[..., None]
     room = k - above.sum(dim=-1, keepdim=True)
@@ -41,19 +44,22 @@ def kept_positions_ref(score: torch.Tensor, kth: torch.Tensor, k: int) -> torch.
 if triton is not None:
 
     @triton.jit
-    def _kept_positions_kernel(score_ptr, kth_ptr, out_ptr, C, K, stride_sp, stride_sh, stride_op, stride_oh,
-                               H: tl.constexpr, BLOCK: tl.constexpr):
+    def _kept_positions_kernel(score_ptr, kth_ptr, above_ptr, out_ptr, C, K, stride_sp, stride_sh, stride_op,
+                               stride_oh, H: tl.constexpr, BLOCK: tl.constexpr, HAS_ABOVE: tl.constexpr):
         ph = tl.program_id(0)
         p = ph // H
         h = ph % H
         base = score_ptr + p.to(tl.int64) * stride_sp + h.to(tl.int64) * stride_sh
         out = out_ptr + p.to(tl.int64) * stride_op + h.to(tl.int64) * stride_oh
         kth = tl.load(kth_ptr + ph)
-        n_above = 0
-        for start in range(0, C, BLOCK):
-            j = start + tl.arange(0, BLOCK)
-            s = tl.load(base + j, mask=j < C, other=float("-inf"))
-            n_above += tl.sum((s > kth).to(tl.int32), axis=0)
+        if HAS_ABOVE:
+            n_above = tl.load(above_ptr + ph)
+        else:
+            n_above = 0
+            for start in range(0, C, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                s = tl.load(base + j, mask=j < C, other=float("-inf"))
+                n_above += tl.sum((s > kth).to(tl.int32), axis=0)
         room = K - n_above
         kept_before = 0
         tied_before = 0
@@ -71,20 +77,23 @@ if triton is not None:
             tied_before += tl.sum(tied, axis=0)
 
 
-def _check(score: torch.Tensor, kth: torch.Tensor, k: int) -> None:
+def _check(score: torch.Tensor, kth: torch.Tensor, k: int, n_above: torch.Tensor | None = None) -> None:
     if score.dim() != 3 or kth.shape != score.shape[:2]:
         raise ValueError(f"expected score [P, H, C] and kth [P, H], got {tuple(score.shape)} and {tuple(kth.shape)}")
     if not 0 <= k <= score.shape[2]:
         raise ValueError(f"expected 0 <= k <= C = {score.shape[2]}, got k {k}")
     if score.dtype != torch.float32 or kth.dtype != torch.float32:
         raise ValueError(f"expected float32 score and kth, got {score.dtype} and {kth.dtype}")
+    if n_above is not None and (n_above.shape != kth.shape or n_above.dtype != torch.int32):
+        raise ValueError(f"expected n_above int32 {tuple(kth.shape)}, got {n_above.dtype} {tuple(n_above.shape)}")
 
 
-def kept_positions(score: torch.Tensor, kth: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+def kept_positions(score: torch.Tensor, kth: torch.Tensor, k: int, n_above: torch.Tensor | None = None,
+                   block: int = 4096) -> torch.Tensor:
     """See the module docstring."""
     if triton is None or not (score.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return kept_positions_ref(score, kth, k)
-    _check(score, kth, k)
+        return kept_positions_ref(score, kth, k, n_above)
+    _check(score, kth, k, n_above)
     p, h, c = score.shape
     out = torch.empty(p, h, k, dtype=torch.int32, device=score.device)
     if out.numel() == 0:
@@ -92,6 +101,9 @@ def kept_positions(score: torch.Tensor, kth: torch.Tensor, k: int, block: int = 
     if score.stride(2) != 1:
         raise ValueError(f"score must be contiguous along C, got strides {score.stride()}")
     kth = kth.contiguous()
-    _kept_positions_kernel[(p * h,)](score, kth, out, c, k, score.stride(0), score.stride(1), out.stride(0),
-                                     out.stride(1), H=h, BLOCK=min(block, triton.next_power_of_2(c)), num_warps=4)
+    above = n_above.contiguous() if n_above is not None else kth
+    block = min(block, triton.next_power_of_2(c))
+    _kept_positions_kernel[(p * h,)](score, kth, above, out, c, k, score.stride(0), score.stride(1), out.stride(0),
+                                     out.stride(1), H=h, BLOCK=block, HAS_ABOVE=n_above is not None,
+                                     num_warps=8 if block >= 2048 else 4)
     return out

@@ -8,8 +8,8 @@ others. Slow rows' refreshes run inside the step, each layer's on a side stream 
 attention (see sfi.refresh), and are part of the graph.
 
 One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row
-and the batch (`default_split`), the split count is the number of splits of the longest row rounded up to a
-power of two, so a growing batch keeps its graph for long stretches, and splits past a row's end cost an
+and the batch (`default_split`), the split count is the number of splits of the longest row rounded up
+(`_bucket`), so a growing batch keeps its graph for long stretches, and splits past a row's end cost an
 empty block each.
 """
 
@@ -31,7 +31,11 @@ N_HOST = 14  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 
 
 
 def _bucket(n_split: int) -> int:
-    return 1 << max(0, (n_split - 1).bit_length())
+    """Splits a graph is captured for: powers of two up to 64, then multiples of 32 (at 128k a power of two would
+    launch 512 splits for 257, half of them empty, in every layer of every step)."""
+    if n_split <= 64:
+        return 1 << max(0, (n_split - 1).bit_length())
+    return -(-n_split // 32) * 32
 
 
 class _Buffers:

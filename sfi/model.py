@@ -28,6 +28,7 @@ from sfi_kernels import (
     silu_mul,
     silu_mul_ref,
     skinny_linear,
+    skinny_pays,
 )
 
 from . import attention
@@ -173,11 +174,10 @@ def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Te
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A projection of a decode step: on a GPU, 2 to 16 rows go through the skinny Triton GEMM, which streams
-    the weights faster than cuBLAS at those sizes (H200: bench/results/2026-12-01-h200-micro.json); one row
-    (cuBLAS is as fast) and prefill chunks go through nn.Linear."""
+    """A projection of a decode step: on a GPU, the skinny Triton GEMM where it streams the weights faster than
+    cuBLAS (2 to 16 rows, matrices wide enough to fill the GPU: see `skinny_pays`); otherwise nn.Linear."""
     rows = x.numel() // x.shape[-1]
-    if x.is_cuda and 2 <= rows <= 16:
+    if x.is_cuda and skinny_pays(rows, *layer.weight.shape):
         return skinny_linear(x, layer.weight, layer.bias)
     return layer(x)
 

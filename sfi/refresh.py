@@ -107,8 +107,10 @@ class StepRefresh:
         score = selector_scores(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
         k = min(self.memory.k_head, cap)
         if k:
-            kth = torch.topk(score, k, dim=-1, sorted=False).values.amin(dim=-1)  # [S * g, Hkv]
-            picks = kept_positions(score, kth, k)  # [S * g, Hkv, k], domain order; -inf (past n) last
+            top = torch.topk(score, k, dim=-1, sorted=False).values  # [S * g, Hkv, k]
+            kth = top.amin(dim=-1)
+            n_above = (top > kth[..., None]).sum(dim=-1, dtype=torch.int32)  # k values counted, not C positions
+            picks = kept_positions(score, kth, k, n_above)  # [S * g, Hkv, k], domain order; -inf (past n) last
         else:  # k_head 0: the memory is the sink alone
             picks = torch.empty(s * g, hkv, 0, dtype=torch.int32, device=score.device)
         # The compaction writer sees the layers of the cache and memory as rows: row = layer * Bc + cache row.

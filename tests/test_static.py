@@ -60,8 +60,8 @@ def test_static_steps_match_op_by_op(lm, recipe):
             torch.testing.assert_close(mem_fixed.k[:, row, :, :n], mem_eager.k[:, row, :, :n], rtol=1e-4, atol=1e-5)
 
 
-def test_split_buckets_are_powers_of_two():
-    assert [_bucket(n) for n in (1, 2, 3, 5, 8, 9, 200)] == [1, 2, 4, 8, 8, 16, 256]
+def test_split_buckets():
+    assert [_bucket(n) for n in (1, 2, 3, 5, 8, 9, 64, 65, 200, 257)] == [1, 2, 4, 8, 8, 16, 64, 96, 224, 288]
 
 
 def test_refresh_groups_divide_the_layers():

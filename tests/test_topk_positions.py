@@ -35,6 +35,8 @@ def test_matches_a_stable_sort(p, h, c, k, kind):
     assert torch.equal(got, want)
     assert torch.equal(kept_positions_ref(score, kth, k), want)
     assert torch.equal(kept_positions(score, kth, k), want)  # default block
+    n_above = (torch.topk(score, k, dim=-1).values > kth[..., None]).sum(-1, dtype=torch.int32)
+    assert torch.equal(kept_positions(score, kth, k, n_above, block=64), want)  # the count given, one pass
 
 
 def test_strided_scores_and_bad_arguments():
