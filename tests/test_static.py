@@ -42,6 +42,8 @@ def run(lm, prompts, new, cfg, static):
 
 @pytest.mark.parametrize("recipe", ["dense", "sfi"])
 def test_static_steps_match_op_by_op(lm, recipe):
+    if recipe == "dense" and lm.args.n_layers > 2:
+        pytest.skip("the six-layer model is for the refresh's layer groups; dense steps refresh nothing")
     cfg = SfiConfig(sink=4, k_head=24, recent=16) if recipe == "sfi" else None  # budget 44
     prompts = [prompt(30), prompt(90, 3), prompt(61, 7)]
     new = [30, 18, 25]  # rows finish at different steps: the static batch shrinks
