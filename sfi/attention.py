@@ -82,7 +82,7 @@ def _decode_ranged(layer: int, q: torch.Tensor, cache: KVCache, step, scale: flo
     out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
                                      split=step.split, capture=refresh.capture(layer) if refresh is not None else None)
     if refresh is not None:
-        refresh.after_attention(layer)  # this layer's Selector and compaction, overlapped with the next layers
+        refresh.after_attention(layer)  # after a group of layers: its Selector and compaction, on a side stream
     for c in plan.captures if plan is not None else ():
         z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)
         plan.refresh(layer, c.row, z)
