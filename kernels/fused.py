@@ -71,16 +71,22 @@ def _use_triton(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _store_normed(x, w_ptr, y_ptr, cols, mask, N, eps):
+        """RMSNorm(x) * w for one row, rounded as the model rounds: float32 statistics, the normalised row
+        cast to x's dtype, then scaled by the weight."""
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        normed = (xf * inv).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, (w * normed).to(x.dtype), mask=mask)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
-        normed = (xf * inv).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + cols, (w * normed).to(x.dtype), mask=mask)
+        _store_normed(x, w_ptr, y_ptr + row * stride_y, cols, mask, N, eps)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_h, stride_y, N, eps,
@@ -92,11 +98,7 @@ if triton is not None:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
         h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
-        normed = (hf * inv).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + cols, (w * normed).to(x.dtype), mask=mask)
+        _store_normed(h, w_ptr, y_ptr + row * stride_y, cols, mask, N, eps)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, y_ptr, stride_gu, stride_y, N, BLOCK: tl.constexpr):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sfi_kernels import kept_positions_ref
+
 EPS = 1e-12
 LOG_EPS = math.log(EPS)
 
@@ -116,21 +118,13 @@ def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
     a row's domain) come last."""
     n = score.shape[-1]
     k = min(k, n)
-    positions = torch.arange(n, device=score.device)
     if k == n:
-        return positions.expand(*score.shape[:-1], n)
+        return torch.arange(n, device=score.device).expand(*score.shape[:-1], n)
     if k == 0:
         return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
-    kth = torch.topk(score, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = score > kth
-    tied = score == kth
-    room = k - above.sum(dim=-1, keepdim=True)
-    keep = above | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
-    # Kept positions go to slots 0..k-1 in position order; the rest to a spare slot k, dropped.
-    slot = torch.where(keep, torch.cumsum(keep.to(torch.int32), dim=-1) - 1, k).long()
-    out = torch.zeros(*score.shape[:-1], k + 1, dtype=torch.long, device=score.device)
-    out.scatter_(-1, slot, positions.expand_as(slot))
-    return out[..., :k]
+    flat = score.reshape(-1, score.shape[-2], n)  # [P, H, N]
+    kth = torch.topk(flat, k, dim=-1, sorted=False).values.amin(dim=-1)
+    return kept_positions_ref(flat, kth, k).long().reshape(*score.shape[:-1], k)
 
 
 def scores(z: torch.Tensor, key_norms: torch.Tensor, p: SelectorParams) -> torch.Tensor:
