@@ -1,6 +1,6 @@
-"""GPU checks for the static/CUDA-graph decode path, run on the device machine: graph vs op-by-op tokens, graph
-determinism, the overlapped refresh against the same refresh inline on the main stream (ordering, not timing:
-identical tokens), graphs on/off step time, refresh cost (timed alone). JSON to argv[1]."""
+"""GPU checks for the static/CUDA-graph decode path, run on the device machine: graph vs the same static steps
+launched op by op, graph determinism, the overlapped refresh against the same refresh inline on the main stream
+(ordering, not timing: identical tokens), graphs on/off step time, refresh cost (timed alone). JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from gpu_refresh_profile import refresh_case, refresh_ms  # bench/ is the script's folder
 
 from sfi.bench import bench_ours, random_model
-from sfi.boundary import FixedPeriod
 from sfi.config import SfiConfig
 from sfi.decoder import Request, generate
-from sfi.refresh import StepRefresh
-from sfi.runtime import SfiRuntime
+from sfi.method.boundary import FixedPeriod
+from sfi.method.refresh import StepRefresh
+from sfi.method.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
 
@@ -66,13 +66,12 @@ def main() -> None:
     prompts = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in (3000, 2500, 3400)]
     cfg = SfiConfig(k_head=256, recent=128)
     for name, c in (("dense", None), ("sfi", cfg)):
-        eager, k1 = decode(model, prompts, 40, c, static=False)
-        graph, k2 = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
-        again, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
-        nograph, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=False)
+        graph, k2 = decode(model, prompts, 40, c, cuda_graphs=True)
+        again, _ = decode(model, prompts, 40, c, cuda_graphs=True)
+        nograph, k1 = decode(model, prompts, 40, c, cuda_graphs=False)
         with inline_refresh():
-            inline, _ = decode(model, prompts, 40, c, static=True, cuda_graphs=True)
-        out[name] = {"graph_vs_op_by_op": agreement(graph, eager), "graph_repeat_identical": graph == again,
+            inline, _ = decode(model, prompts, 40, c, cuda_graphs=True)
+        out[name] = {"graph_repeat_identical": graph == again,
                      "overlapped_vs_inline_refresh_identical": graph == inline,
                      "graph_vs_static_no_graph": agreement(graph, nograph), "kinds_equal": k1 == k2,
                      "slow": k2.count("slow"), "fast": k2.count("fast")}
@@ -80,14 +79,14 @@ def main() -> None:
     # step time, graphs on and off
     for ctx, batch in ((8192, 1), (8192, 4)):
         for graphs in (False, True):
-            for name, c in (("dense", None), ("sfi", SfiConfig())):
+            for name, c in (("dense", None), ("sfi", SfiConfig(k_head=2048, recent=256))):
                 r = bench_ours(model, ctx, batch, 64, c, cuda_graphs=graphs)
                 key = f"{name}_{ctx}x{batch}_{'graphs' if graphs else 'nographs'}"
                 out[key] = {k: r[k] for k in ("tok_s", "step_ms_p50", "step_ms_p90", "graph_captures", "timed_steps")}
                 print(key, out[key], flush=True)
     # refresh cost: one slow row, one layer group (Selector scores, top-k, compaction), times the group count
     for ctx in (8192, 32768):
-        r = refresh_case(model, ctx, SfiConfig())
+        r = refresh_case(model, ctx, SfiConfig(k_head=2048, recent=256))
         out[f"refresh_all_layers_ms_{ctx}"] = refresh_ms(r, reps=20) * (model.args.n_layers // r.group)
         print("refresh", ctx, out[f"refresh_all_layers_ms_{ctx}"], flush=True)
     with open(sys.argv[1], "w") as f:

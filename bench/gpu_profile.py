@@ -11,24 +11,24 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sfi.bench import _requests, random_model
-from sfi.boundary import FixedPeriod
 from sfi.config import SfiConfig
 from sfi.decoder import StepDone, generate
-from sfi.runtime import SfiRuntime
+from sfi.method.boundary import FixedPeriod
+from sfi.method.runtime import SfiRuntime
 
 
 def main() -> None:
     dev = torch.device("cuda")
     model = random_model("qwen3-4b", 8192, dev, torch.bfloat16)
     result = {}
-    for name, ctx, batch, cfg in (("dense", 8192, 1, None), ("sfi", 32768, 4, SfiConfig())):
+    for name, ctx, batch, cfg in (("dense", 8192, 1, None), ("sfi", 32768, 4, SfiConfig(k_head=2048, recent=256))):
         reqs = _requests(model, ctx, batch, 40, 0)
         runtime = None
         if cfg is not None:
             runtime = SfiRuntime(cfg, FixedPeriod(24), batch, 1)
             for row, state in enumerate(runtime.state):
                 state.last_slow = -(row * 24 // batch)
-        gen = generate(model, reqs, prefill_chunk=4096, runtime=runtime, static=True, cuda_graphs=False)
+        gen = generate(model, reqs, prefill_chunk=4096, runtime=runtime, cuda_graphs=False)
         steps = 0
         for e in gen:
             if isinstance(e, StepDone):

@@ -14,9 +14,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from sfi.bench import random_model
 from sfi.config import SfiConfig
-from sfi.memory import SparseMemory
-from sfi.refresh import StepRefresh
-from sfi.selector import SelectorParams
+from sfi.method.memory import SparseMemory
+from sfi.method.refresh import StepRefresh
+from sfi.method.selector import SelectorParams
 
 
 def refresh_case(model, ctx: int, cfg: SfiConfig, slots: int = 1) -> StepRefresh:
@@ -50,7 +50,7 @@ def refresh_ms(r: StepRefresh, reps: int) -> float:
 def main() -> None:
     dev = torch.device("cuda")
     model = random_model("qwen3-4b", 8192, dev, torch.bfloat16)
-    cfg, out = SfiConfig(), {"device": torch.cuda.get_device_name()}
+    cfg, out = SfiConfig(k_head=2048, recent=256), {"device": torch.cuda.get_device_name()}
     for ctx, slots in ((8192, 1), (32768, 1), (131072, 1), (131072, 3)):
         r = refresh_case(model, ctx, cfg, slots)
         wall = refresh_ms(r, 20)

@@ -1,4 +1,4 @@
-"""The Selector's scores s'' for many independent problems at once, fused (see sfi/selector.py `scores`).
+"""The Selector's scores for many independent problems at once: the torch reference, stage by stage, and fused.
 
 z [P, H, R, C] float32 scaled logits (P problems such as layers or batch slots, H KV heads, R query rows per
 head, C capacity); norms [P, H, C] key L2 norms; n [P] int32 on the device, the domain length of each problem
@@ -18,8 +18,11 @@ the GPU; chunk partials are merged in a fixed order, so results are deterministi
                         over the chunk, -inf past n (in place of log f). A mixture of two normalised distributions
                         is normalised, so the reference's last renormalisation (a rounding-level shift) is left out.
   4. _nms_excl_kernel   (P, C / BLOCK_B): soft NMS (the windowed max from segmented prefix and suffix maxima:
-                        four loads per position whatever the radius) and exclusivity across the H heads; skipped
-                        when neither applies (3 then writes the result).
+                        four loads per position whatever the radius), exclusivity across the H heads, then the
+                        span pooling (successor window, blocks); skipped when none applies (3 then writes).
+
+The torch reference is one function per stage (the spec's order; `span_pool` is ours); sfi.selector runs it on a
+CPU, so the CPU path and this kernel share one definition of the Selector.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -38,38 +42,106 @@ except ImportError:  # CPU installs without triton use the reference
 EPS = 1e-12
 _PARAMS = ("alpha", "gamma", "w_l2", "w_pos", "pos_p", "pos_eta", "pos_beta", "lam_max_multi", "lam_max_single",
            "nms_radius", "nms_strength", "excl_temperature", "excl_weight", "use_power_mean", "use_prior",
-           "use_nms", "use_exclusivity")
+           "use_nms", "use_exclusivity", "span_successors", "span_block")
 
 
-def _scores_one(z: torch.Tensor, norms: torch.Tensor, prm) -> torch.Tensor:
-    """sfi.selector.scores restated for one problem: z [H, R, m], norms [H, m] -> s'' [H, m]."""
-    z = z.float()
-    logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
-    ok = torch.isfinite(logp).any(dim=-1)  # [H, R] rows with a domain
-    alpha = prm.alpha if prm.use_power_mean else 1.0
+# -- the reference: one function per stage of ../shared/sfi-spec.md, shapes [..., H, R, N] (H KV heads, R rows,
+# N domain positions; leading dimensions are independent problems). sfi.selector uses these on a CPU.
+def row_log_dist(z: torch.Tensor) -> torch.Tensor:
+    """z [..., H, R, N] logits (-inf where a row cannot see) -> log p_r(k), each row normalised over its domain."""
+    return z - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def valid_rows(logp: torch.Tensor) -> torch.Tensor:
+    """[..., H, R] bool: rows with a non-empty domain."""
+    return torch.isfinite(logp).any(dim=-1)
+
+
+def power_mean(logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log f [..., H, N]: normalised alpha-power mean of the rows' distributions (rows with no domain dropped)."""
+    ok = valid_rows(logp)  # [..., H, R]
+    n_rows = ok.sum(-1).clamp(min=1).to(logp.dtype)  # [..., H]
     scaled = torch.where(ok[..., None], alpha * logp, torch.full_like(logp, -math.inf))
-    log_f = (torch.logsumexp(scaled, dim=-2) - ok.sum(-1).clamp(min=1).float().log()[..., None]) / alpha
-    s = log_f = log_f - torch.logsumexp(log_f, dim=-1, keepdim=True)
-    if prm.use_prior:
-        m = z.shape[-1]
-        u = (torch.arange(m, dtype=torch.float32, device=z.device) / max(m - 1, 1)).clamp(0, 1)
-        log_r = prm.w_l2 * (-prm.gamma * norms.float().clamp(min=EPS).log()) + prm.w_pos * (
-            -prm.pos_beta * u.pow(max(prm.pos_p, 1.0)) + prm.pos_eta * (1 - u).clamp(min=EPS).log())
-        log_r = log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
-        f, r = log_f.exp(), log_r.exp()
-        ff, fr, rr = (f * f).sum(-1), (f * r).sum(-1), (r * r).sum(-1)
-        lam_max = prm.lam_max_multi if int(ok.sum(-1).max()) > 1 else prm.lam_max_single
-        lam = ((ff - fr) / (ff - 2 * fr + rr).clamp(min=EPS)).clamp(0.0, lam_max).clamp(max=1 - EPS)[..., None]
-        b = torch.where(lam > 0, lam.clamp(min=EPS).log() + log_r, torch.full_like(log_r, -math.inf))
-        s = torch.logaddexp(torch.log1p(-lam) + log_f, b)
-        s = s - torch.logsumexp(s, dim=-1, keepdim=True)
-    if prm.use_nms:
-        rad = prm.nms_radius
-        win = torch.nn.functional.max_pool1d(s[:, None], 2 * rad + 1, stride=1, padding=rad)[:, 0]
-        s = s - prm.nms_strength * (win - s).clamp(min=0)
-    if prm.use_exclusivity and s.shape[0] > 2:
-        s = s + prm.excl_weight * torch.softmax(s / prm.excl_temperature, dim=0).clamp(min=EPS).log()
+    log_f = (torch.logsumexp(scaled, dim=-2) - n_rows.log()[..., None]) / alpha
+    return log_f - torch.logsumexp(log_f, dim=-1, keepdim=True)
+
+
+def prior(key_norms: torch.Tensor, p) -> torch.Tensor:
+    """log r [..., H, N]: small-norm keys and older positions favoured, normalised over the domain."""
+    n = key_norms.shape[-1]
+    u = (torch.arange(n, dtype=torch.float32, device=key_norms.device) / max(n - 1, 1)).clamp(0, 1)
+    log_pi = -p.gamma * key_norms.float().clamp(min=EPS).log()
+    log_delta = -p.pos_beta * u.pow(max(p.pos_p, 1.0)) + p.pos_eta * (1 - u).clamp(min=EPS).log()
+    log_r = p.w_l2 * log_pi + p.w_pos * log_delta
+    return log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
+
+
+def mix_weight(log_f: torch.Tensor, log_r: torch.Tensor, lam_max: float) -> torch.Tensor:
+    """lam [..., H]: the mixture (1 - lam) f + lam r of smallest squared norm, clamped to [0, lam_max]."""
+    f, r = log_f.exp(), log_r.exp()
+    ff, fr, rr = (f * f).sum(-1), (f * r).sum(-1), (r * r).sum(-1)
+    lam = (ff - fr) / (ff - 2 * fr + rr).clamp(min=EPS)
+    return lam.clamp(0.0, lam_max).clamp(max=1 - EPS)
+
+
+def fuse(log_f: torch.Tensor, log_r: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """s = log((1 - lam) f + lam r), renormalised; computed in log space."""
+    lam = lam[..., None]
+    a = torch.log1p(-lam) + log_f
+    b = torch.where(lam > 0, lam.clamp(min=EPS).log() + log_r, torch.full_like(log_r, -math.inf))
+    s = torch.logaddexp(a, b)
+    return s - torch.logsumexp(s, dim=-1, keepdim=True)
+
+
+def _window_max(s: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """max of s over positions [k - before, k + after] (clipped to the domain), along the last dimension."""
+    flat = F.pad(s.reshape(-1, 1, s.shape[-1]), (before, after), value=-math.inf)
+    return F.max_pool1d(flat, kernel_size=before + after + 1, stride=1).reshape(s.shape)
+
+
+def soft_nms(s: torch.Tensor, radius: int, strength: float) -> torch.Tensor:
+    """s' = s - strength * max(m - s, 0), m the max of s within +-radius positions: never raises a score."""
+    return s - strength * (_window_max(s, radius, radius) - s).clamp(min=0)
+
+
+def exclusivity(s: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
+    """Down-weight tokens several KV heads want: s + weight * log softmax_h(s / T). Skipped for H <= 2."""
+    if s.shape[-2] <= 2:
+        return s
+    rho = torch.softmax(s / temperature, dim=-2)
+    return s + weight * rho.clamp(min=EPS).log()
+
+
+def span_pool(s: torch.Tensor, successors: int, block: int) -> torch.Tensor:
+    """Span-preserving selection (ours, not the paper's): each position scores at least as the best of the
+    `successors` positions before it, so a kept peak keeps the tokens that follow it (copying a number reads
+    the key after the one just copied); then, with `block` > 1, every position of an aligned block of `block`
+    positions scores as the block's best, so whole blocks are kept. Never lowers a score."""
+    if successors:
+        s = _window_max(s, successors, 0)
+    if block > 1:
+        n = s.shape[-1]
+        padded = F.pad(s, (0, -n % block), value=-math.inf)
+        best = padded.unflatten(-1, (-1, block)).amax(dim=-1, keepdim=True)
+        s = best.expand(*best.shape[:-1], block).flatten(-2)[..., :n]
     return s
+
+
+def scores(z: torch.Tensor, key_norms: torch.Tensor, p) -> torch.Tensor:
+    """The final per-position score [..., H, N] from logits z [..., H, R, N] and key norms [..., H, N]."""
+    z = z.float()
+    logp = row_log_dist(z)
+    log_f = power_mean(logp, p.alpha if p.use_power_mean else 1.0)
+    s = log_f
+    if p.use_prior:
+        n_rows = int(valid_rows(logp).sum(-1).max())
+        log_r = prior(key_norms, p)
+        s = fuse(log_f, log_r, mix_weight(log_f, log_r, p.lam_max_multi if n_rows > 1 else p.lam_max_single))
+    if p.use_nms:
+        s = soft_nms(s, p.nms_radius, p.nms_strength)
+    if p.use_exclusivity:
+        s = exclusivity(s, p.excl_temperature, p.excl_weight)
+    return span_pool(s, p.span_successors, p.span_block)
 
 
 def selector_scores_ref(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, params) -> torch.Tensor:
@@ -79,7 +151,7 @@ def selector_scores_ref(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, p
     out = torch.full((p_count, h, c), -math.inf, dtype=torch.float32, device=z.device)
     for p, m in enumerate(n.tolist()):
         if m > 0:
-            out[p, :, :m] = _scores_one(z[p, :, :, :m], norms[p, :, :m], params)
+            out[p, :, :m] = scores(z[p, :, :, :m], norms[p, :, :m], params)
     return out
 
 
@@ -282,39 +354,36 @@ if triton is not None:
         return tl.maximum(a, b)
 
     @triton.jit
-    def _window_max(s_ptr, rows, hmask, a, m, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, SEG: tl.constexpr):
-        """[H_PAD, BLOCK_B] max of s over positions [a, a + SEG] (out of the domain: -inf), a = start + arange.
+    def _seg_max(lo, hi, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, SEG: tl.constexpr):
+        """[H_PAD, BLOCK_B] max over positions [a, a + SEG] from the tiles lo (at positions a) and hi (at a + SEG).
 
-        Within segments of SEG lanes, a suffix max of the tile at a and a prefix max of the tile at a + SEG
-        meet: together they cover [a, a + SEG] exactly (van Herk / Gil-Werman), two loads instead of SEG + 1."""
-        lo = tl.load(s_ptr + rows + a[None, :], mask=hmask[:, None] & ((a >= 0) & (a < m))[None, :],
-                     other=float("-inf"))
-        b = a + SEG
-        hi = tl.load(s_ptr + rows + b[None, :], mask=hmask[:, None] & ((b >= 0) & (b < m))[None, :],
-                     other=float("-inf"))
+        Within segments of SEG lanes, a suffix max of lo and a prefix max of hi meet: together they cover
+        [a, a + SEG] exactly (van Herk / Gil-Werman), two tiles instead of SEG + 1."""
         suf = tl.associative_scan(tl.reshape(lo, (H_PAD, BLOCK_B // SEG, SEG)), 2, _max2, reverse=True)
         pre = tl.associative_scan(tl.reshape(hi, (H_PAD, BLOCK_B // SEG, SEG)), 2, _max2)
         return tl.reshape(tl.maximum(suf, pre), (H_PAD, BLOCK_B))
 
     @triton.jit
-    def _nms_excl_kernel(s_ptr, out_ptr, n_ptr, C, strength, temperature, weight,
-                         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, RADIUS: tl.constexpr,
-                         SEG: tl.constexpr, USE_NMS: tl.constexpr, USE_EXCL: tl.constexpr):
-        """out [P, H, C] from s [P, H, C] (both contiguous): soft NMS, then exclusivity across the H heads."""
-        p = tl.program_id(0)
-        blk = tl.program_id(1)
-        m = tl.load(n_ptr + p)
-        hh = tl.arange(0, H_PAD)
-        hmask = hh < H
-        j = blk * BLOCK_B + tl.arange(0, BLOCK_B)
-        jmask = j < m
-        valid = hmask[:, None] & jmask[None, :]
-        rows = (p.to(tl.int64) * H + hh)[:, None] * C
-        s = tl.load(s_ptr + rows + j[None, :], mask=valid, other=float("-inf"))
+    def _tile(s_ptr, rows, hmask, a, m):
+        """s at positions a [BLOCK_B] for every head: -inf outside the domain [0, m) and on padded heads."""
+        return tl.load(s_ptr + rows + a[None, :], mask=hmask[:, None] & ((a >= 0) & (a < m))[None, :],
+                       other=float("-inf"))
+
+    @triton.jit
+    def _suppressed(s_ptr, rows, hmask, a, m, strength, temperature, weight, H_PAD: tl.constexpr,
+                    BLOCK_B: tl.constexpr, RADIUS: tl.constexpr, SEG: tl.constexpr, USE_NMS: tl.constexpr,
+                    USE_EXCL: tl.constexpr):
+        """Soft NMS then exclusivity across the heads, at positions a [BLOCK_B]; -inf outside the domain."""
+        valid = hmask[:, None] & ((a >= 0) & (a < m))[None, :]
+        s = _tile(s_ptr, rows, hmask, a, m)
         if USE_NMS and RADIUS > 0:
-            # [j - RADIUS, j + RADIUS] as two windows of SEG + 1 positions (RADIUS <= SEG <= 2 * RADIUS)
-            win = tl.maximum(_window_max(s_ptr, rows, hmask, j - RADIUS, m, H_PAD, BLOCK_B, SEG),
-                             _window_max(s_ptr, rows, hmask, j + RADIUS - SEG, m, H_PAD, BLOCK_B, SEG))
+            # [a - RADIUS, a + RADIUS] as two windows of SEG + 1 positions (RADIUS <= SEG <= 2 * RADIUS)
+            b = a - RADIUS
+            c = a + RADIUS - SEG
+            win = tl.maximum(_seg_max(_tile(s_ptr, rows, hmask, b, m), _tile(s_ptr, rows, hmask, b + SEG, m),
+                                      H_PAD, BLOCK_B, SEG),
+                             _seg_max(_tile(s_ptr, rows, hmask, c, m), _tile(s_ptr, rows, hmask, c + SEG, m),
+                                      H_PAD, BLOCK_B, SEG))
             gap = tl.where(valid, win, 0.0) - tl.where(valid, s, 0.0)  # no -inf - -inf off the domain
             s = s - strength * tl.maximum(gap, 0.0)
         if USE_EXCL:
@@ -325,7 +394,43 @@ if triton is not None:
             tot = tl.sum(e, axis=0)
             rho = e / tl.where(tot > 0, tot, 1.0)[None, :]
             s = s + weight * tl.log(tl.maximum(rho, 1e-12))
-        s = tl.where(jmask[None, :], s, float("-inf"))
+        return tl.where(valid, s, float("-inf"))
+
+    @triton.jit
+    def _nms_excl_kernel(s_ptr, out_ptr, n_ptr, C, strength, temperature, weight,
+                         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, RADIUS: tl.constexpr,
+                         SEG: tl.constexpr, USE_NMS: tl.constexpr, USE_EXCL: tl.constexpr,
+                         SUCC: tl.constexpr, SEG_S: tl.constexpr, SPAN_BLOCK: tl.constexpr):
+        """out [P, H, C] from s [P, H, C] (both contiguous): soft NMS, exclusivity across the H heads, then the
+        span pooling: the max over the SUCC positions before (SEG_S, a power of two, SUCC / 2 < SEG_S <= SUCC),
+        then over aligned blocks of SPAN_BLOCK positions. The pooled window reaches before this program's
+        positions, so the suppressed scores are recomputed on shifted tiles rather than read back."""
+        p = tl.program_id(0)
+        blk = tl.program_id(1)
+        m = tl.load(n_ptr + p)
+        hh = tl.arange(0, H_PAD)
+        hmask = hh < H
+        j = blk * BLOCK_B + tl.arange(0, BLOCK_B)
+        rows = (p.to(tl.int64) * H + hh)[:, None] * C
+        s = _suppressed(s_ptr, rows, hmask, j, m, strength, temperature, weight, H_PAD, BLOCK_B, RADIUS, SEG,
+                        USE_NMS, USE_EXCL)
+        if SUCC > 0:
+            # [j - SUCC, j] as [j - SUCC, j - SUCC + SEG_S] and [j - SEG_S, j]: one window when SUCC is a power of 2
+            first = _suppressed(s_ptr, rows, hmask, j - SUCC, m, strength, temperature, weight, H_PAD, BLOCK_B,
+                                RADIUS, SEG, USE_NMS, USE_EXCL)
+            if SEG_S == SUCC:
+                s = _seg_max(first, s, H_PAD, BLOCK_B, SEG_S)
+            else:
+                mid = _suppressed(s_ptr, rows, hmask, j - SUCC + SEG_S, m, strength, temperature, weight, H_PAD,
+                                  BLOCK_B, RADIUS, SEG, USE_NMS, USE_EXCL)
+                last = _suppressed(s_ptr, rows, hmask, j - SEG_S, m, strength, temperature, weight, H_PAD,
+                                   BLOCK_B, RADIUS, SEG, USE_NMS, USE_EXCL)
+                s = tl.maximum(_seg_max(first, mid, H_PAD, BLOCK_B, SEG_S), _seg_max(last, s, H_PAD, BLOCK_B, SEG_S))
+        if SPAN_BLOCK > 1:
+            best = tl.max(tl.reshape(s, (H_PAD, BLOCK_B // SPAN_BLOCK, SPAN_BLOCK)), axis=2)
+            s = tl.reshape(tl.broadcast_to(best[:, :, None], (H_PAD, BLOCK_B // SPAN_BLOCK, SPAN_BLOCK)),
+                           (H_PAD, BLOCK_B))
+        s = tl.where((j < m)[None, :], s, float("-inf"))
         tl.store(out_ptr + rows + j[None, :], s, mask=hmask[:, None] & (j < C)[None, :])
 
 
@@ -396,7 +501,11 @@ def selector_scores(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, param
     stats = torch.empty(p_count * h, ns, 8, dtype=torch.float32, device=z.device)
     lf = torch.empty_like(out)
     lr = torch.empty_like(out) if use_prior else lf
-    s = lf if (use_nms or use_excl) else out
+    succ, span_block = int(prm["span_successors"]), int(prm["span_block"])
+    if span_block < 1 or span_block & (span_block - 1):
+        raise ValueError(f"expected span_block a power of two, got {span_block}")
+    last_pass = use_nms or use_excl or succ > 0 or span_block > 1
+    s = lf if last_pass else out
     grid = (p_count * h, ns)
     zs, ns_ = (z.stride(0), z.stride(1), z.stride(2)), (norms.stride(0), norms.stride(1))
     consts = (alpha, math.log(r), float(prm["gamma"]), float(prm["w_l2"]), float(prm["w_pos"]),
@@ -408,12 +517,13 @@ def selector_scores(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, param
                             num_warps=num_warps)
     _fuse_kernel[grid](lf, lr, n, stats, s, c, chunk, ns, lam_max,
                        H=h, NS_PAD=ns_pad, BLOCK=block, USE_PRIOR=use_prior, num_warps=num_warps)
-    if use_nms or use_excl:
+    if last_pass:
         radius = int(prm["nms_radius"])
         seg = triton.next_power_of_2(max(radius, 1))
-        block_b = max(block_b, seg)
+        seg_s = 1 << (max(succ, 1).bit_length() - 1)  # the largest power of two <= succ
+        block_b = max(block_b, seg, seg_s, span_block)
         _nms_excl_kernel[(p_count, triton.cdiv(c, block_b))](
             s, out, n, c, float(prm["nms_strength"]), float(prm["excl_temperature"]), float(prm["excl_weight"]),
             H=h, H_PAD=max(2, triton.next_power_of_2(h)), BLOCK_B=block_b, RADIUS=radius, SEG=seg,
-            USE_NMS=use_nms, USE_EXCL=use_excl, num_warps=4)
+            USE_NMS=use_nms, USE_EXCL=use_excl, SUCC=succ, SEG_S=seg_s, SPAN_BLOCK=span_block, num_warps=4)
     return out

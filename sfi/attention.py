@@ -1,32 +1,17 @@
-"""Attention dispatch for one layer of a decode step: dense rows, fast (sparse) rows, and captures.
+"""Attention of one layer of a decode step, and the bootstrap capture at the end of a prefill.
 
-Dense rows (the `dense` recipe, slow steps, contexts within budget) attend to their whole cache. Fast
-rows attend to their compact memory and their recent span, two partial attentions merged exactly by
-log-sum-exp. Slow rows also capture their query's logits over the selection domain and hand them to
-the refresh (Selector + compaction) before the next layer runs; no other row reads that memory in
-this step, so the write cannot race with a reader.
+Dense rows (the `dense` recipe, slow steps, contexts within budget) attend to their whole cache; fast rows
+to their compact memory and their recent span: one ranged-kernel launch for all of them. Slow rows' refresh
+(Selector + compaction) writes only their own memory, which no row reads in the same step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sfi_kernels import decode_attention, ranged_decode_attention
+from sfi_kernels import ranged_decode_attention, ranged_decode_attention_ref
 
 from .cache import KVCache
-
-
-def merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """Combine attentions over two disjoint key sets from their outputs [B, H, D] and lse [B, H]."""
-    lse = torch.logaddexp(l1, l2)
-    return (o1.float() * (l1 - lse).exp()[..., None] + o2.float() * (l2 - lse).exp()[..., None]).to(o1.dtype)
-
-
-def _span(cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
-    """cache [Bc, Hkv, S, D] -> [B, Hkv, width, D]: positions start[b] .. start[b] + width - 1 of each row."""
-    pos = (start[:, None] + torch.arange(width, device=start.device)).clamp(max=cache.shape[2] - 1)  # [B, W]
-    picked = cache[rows[:, None], :, pos]  # [B, W, Hkv, D]
-    return picked.transpose(1, 2)
 
 
 def capture_logits(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -37,55 +22,29 @@ def capture_logits(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.T
 
 
 def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
-    """q [B, Hq, D] for the rows of `step` (a model.DecodeStep) -> attention output [B, Hq, D]."""
+    """q [B, Hq, D] for the rows of `step` (a model.DecodeStep) -> attention output [B, Hq, D].
+
+    Every row in one ranged-kernel launch (the kernel's reference on a CPU). A slow row's pass also leaves its
+    domain's logits and key norms for the in-step refresh, which runs after each group of layers."""
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
-    plan = step.sparse
-    if q.is_cuda or step.fixed_ranges is not None:
-        return _decode_ranged(layer, q, cache, step, scale)
-    if plan is None:
-        keys, values = kc[:, :, : step.kv_len], vc[:, :, : step.kv_len]
-        if not step.whole_cache:
-            keys, values = keys[step.rows], values[step.rows]
-        return decode_attention(q, keys, values, step.positions + 1, scale)[0]
-
-    out = torch.empty_like(q)
-    if plan.dense_idx.numel():
-        rows = step.rows[plan.dense_idx]
-        keys, values = kc[rows, :, : step.kv_len], vc[rows, :, : step.kv_len]
-        out[plan.dense_idx] = decode_attention(q[plan.dense_idx], keys, values, step.positions[plan.dense_idx] + 1,
-                                               scale)[0]
-    if plan.fast_idx.numel():
-        rows, mem = step.rows[plan.fast_idx], plan.memory
-        qf = q[plan.fast_idx]
-        o1, l1 = decode_attention(qf, mem.k[layer, rows], mem.v[layer, rows], plan.compact_len, scale)
-        span_len = step.positions[plan.fast_idx] + 1 - plan.recent_start
-        o2, l2 = decode_attention(qf, _span(kc, rows, plan.recent_start, plan.span),
-                                  _span(vc, rows, plan.recent_start, plan.span), span_len, scale)
-        out[plan.fast_idx] = merge(o1, l1, o2, l2)
-    for c in plan.captures:
-        z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)  # [Hq, 1, N]
-        plan.refresh(layer, c.row, z)
-    return out
-
-
-def _decode_ranged(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
-    """GPU path: every row in one ranged-kernel launch (dense rows read an empty compact range and their
-    whole cache), then the slow rows' captures (in a static step: the in-step refresh, fed by the kernel)."""
-    kc, vc = cache.k[layer], cache.v[layer]
-    plan = step.sparse
-    memory = step.memory if step.memory is not None else (plan.memory if plan is not None else None)
+    memory, refresh = step.memory, step.refresh
     mem_k, mem_v = (memory.k[layer], memory.v[layer]) if memory is not None else (kc, vc)
     rows, clen, start, span, max_keys = step.ranges
-    refresh = step.refresh
     if refresh is not None:
         refresh.before_attention(layer)
-    out, _ = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
-                                     split=step.split, capture=refresh.capture(layer) if refresh is not None else None)
+    capture = refresh.capture(layer) if refresh is not None else None
+    if q.is_cuda:
+        out, lse = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
+                                           split=step.split, capture=capture)
+    else:  # the kernel's reference: the CPU runs the same step
+        out, lse = ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
     if refresh is not None:
         refresh.after_attention(layer)  # after a group of layers: its Selector and compaction, on a side stream
-    for c in plan.captures if plan is not None else ():
-        z = capture_logits(q[c.batch_index][:, None], kc[c.row, :, c.lo:c.hi], scale)
-        plan.refresh(layer, c.row, z)
+    if step.probe is not None:
+        whole = (torch.zeros_like(clen), torch.zeros_like(start), (step.positions + 1).to(torch.int32))
+        _, dense_lse = (ranged_decode_attention if q.is_cuda else ranged_decode_attention_ref)(
+            q, kc, vc, kc, vc, rows, *whole, scale)
+        step.probe.record(layer, (clen > 0) | (start > 0), lse, dense_lse)  # fast rows
     return out
 
 

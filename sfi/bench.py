@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .boundary import FixedPeriod
 from .config import SfiConfig
 from .decoder import Request, StepDone, generate
 from .loader import build_model
+from .method.boundary import FixedPeriod
+from .method.runtime import SfiRuntime
 from .model import ModelArgs, Transformer
-from .runtime import SfiRuntime
 from .sampling import RowSampler, SamplingParams
 from .stopping import StopChecker
 
@@ -117,6 +117,7 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
     requests = _requests(model, ctx, batch, new_tokens, seed)
     runtime = None
     if sfi is not None:
+        sfi = sfi.for_context(model.args.max_position_embeddings)
         runtime = SfiRuntime(sfi, FixedPeriod(period), batch, model.args.kv_bytes_per_token(model.dtype))
         for row, state in enumerate(runtime.state):
             state.last_slow = -(row * period // batch)

@@ -24,8 +24,9 @@ class SfiConfig:
 
     mode: str = "sfi"  # "sfi" | "dense"
     sink: int = 4
-    k_head: int = 2048
-    recent: int = 256
+    # None ("auto" in YAML): derived from the model's context length by `for_context` (see `derived_budget`).
+    k_head: int | None = None
+    recent: int | None = None
     min_gap: int = 16
     max_interval: int = 64
     cooldown: int = 2
@@ -53,19 +54,60 @@ class SfiConfig:
     use_prior: bool = True
     use_nms: bool = True
     use_exclusivity: bool = True
+    # Span-preserving selection (ours; 0 and 1 give the spec's Selector): each position scores at least as the
+    # best of the `span_successors` positions before it, then as the best of its aligned block of `span_block`.
+    span_successors: int = 0
+    span_block: int = 1
+    # A slow step forced at this decode step (1 = the step after the prompt's first token); 0 = none.
+    early_slow_step: int = 0
 
     def __post_init__(self) -> None:
         _choice("sfi.mode", self.mode, ("sfi", "dense"))
         _choice("sfi.boundary", self.boundary, ("sentence", "fixed", "none"))
         _choice("sfi.selector", self.selector, ("sfi", "topk"))
-        for name in ("sink", "k_head", "recent", "min_gap", "cooldown", "nms_radius"):
+        for name in ("sink", "min_gap", "cooldown", "nms_radius", "span_successors", "early_slow_step"):
             _at_least(f"sfi.{name}", getattr(self, name), 0)
+        for name in ("k_head", "recent"):
+            if getattr(self, name) is not None:
+                _at_least(f"sfi.{name}", getattr(self, name), 0)
+        if self.span_block < 1 or self.span_block & (self.span_block - 1):
+            raise ConfigError(f"sfi.span_block must be a power of two (1 = off), got {self.span_block}")
         for name in ("max_interval", "bootstrap_window", "fixed_period"):
             _at_least(f"sfi.{name}", getattr(self, name), 1)
         if self.alpha <= 0:
             raise ConfigError(f"sfi.alpha must be > 0, got {self.alpha}")
         if not (0 <= self.lam_max_multi <= 1 and 0 <= self.lam_max_single <= 1):
             raise ConfigError("sfi.lam_max_multi and sfi.lam_max_single must be in [0, 1]")
+
+    @property
+    def resolved(self) -> bool:
+        return self.k_head is not None and self.recent is not None
+
+    def for_context(self, max_context: int) -> SfiConfig:
+        """This config with k_head and recent fixed: the recipe's values where it pins them, else derived
+        from the model's context length."""
+        k_head, recent = derived_budget(max_context)
+        return dataclasses.replace(self, k_head=k_head if self.k_head is None else self.k_head,
+                                   recent=recent if self.recent is None else self.recent)
+
+    def budget_note(self, max_context: int) -> str:
+        """Which budget a run uses, and why: 'k_head 768, recent 128 (derived from the 8,192-token context)'."""
+        r = self.for_context(max_context)
+        pinned = [name for name in ("k_head", "recent") if getattr(self, name) is not None]
+        why = ("set by the recipe" if len(pinned) == 2 else
+               f"derived from the model's {max_context:,}-token context" + (f"; {pinned[0]} set by the recipe"
+                                                                             if pinned else ""))
+        return f"sink {r.sink}, k_head {r.k_head}, recent {r.recent} ({why})"
+
+
+def derived_budget(max_context: int) -> tuple[int, int]:
+    """(k_head, recent) for a model whose context is `max_context` tokens: 3/32 of the context in selected
+    tokens (768 at 8k, rounded to 64) and 1/64 as the recent span (128 at 8k), capped at the paper's
+    2048 / 256, its budget for 32k-128k models. A fast step then reads at most about 11% of a full context
+    plus the tokens generated since the last refresh."""
+    k_head = min(2048, max(64, round(max_context * 3 / 32 / 64) * 64))
+    recent = min(256, max(32, max_context // 64))
+    return k_head, recent
 
 
 @dataclass
@@ -164,6 +206,12 @@ def _suggest(key: str, options: list[str]) -> str:
 
 def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
     """Coerce a YAML value to the field's type (the type of its default), or explain the mismatch."""
+    if default is None:  # an optional int whose None means "derived" (k_head, recent)
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} must be an integer or auto, got {value!r}")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

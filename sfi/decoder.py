@@ -15,9 +15,9 @@ import torch
 
 from .cache import KVCache
 from .graphs import StaticDecoder
-from .memory import SparseMemory
-from .model import DecodeStep, PrefillStep, Transformer
-from .runtime import Capture, SfiRuntime
+from .method.memory import SparseMemory
+from .method.runtime import Capture, SfiRuntime
+from .model import PrefillStep, Transformer
 from .sampling import RowSampler, sample
 from .stopping import StopChecker
 
@@ -46,7 +46,8 @@ class PrefillDone:
     started: float  # perf_counter at the row's prefill start
     seconds: float
     finished: bool  # the first token already ended the row (eos, or max_new_tokens == 1)
-    logprob: float | None = None  # with forced tokens: log p of the first forced token
+    logprob: float | None = None  # with forced tokens: log p of the first token
+    sampled: int | None = None  # with forced tokens: what the sampler picked instead
 
 
 @dataclass
@@ -57,8 +58,9 @@ class StepDone:
     finished: list[int]  # rows that stopped at this step
     seconds: float
     kinds: list[str] | None = None  # per row: "slow", "fast" or "full" (None: every row dense)
-    logprobs: list[float] | None = None  # with forced tokens: log p of each row's forced token
+    logprobs: list[float] | None = None  # with forced tokens: log p of each row's token
     captured_graph: bool = False  # this step included capturing a CUDA graph (one-time cost)
+    sampled: list[int] | None = None  # with forced tokens: what the sampler picked (greedy: the argmax)
 
 
 def chunk_starts(length: int, chunk: int, last_at_least: int = 1) -> list[int]:
@@ -123,21 +125,30 @@ def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[
     return Prefilled(logits, captured)
 
 
-def _logprob(logits: torch.Tensor, token: int) -> float:
-    return float(torch.log_softmax(logits.float(), dim=-1)[token])
+def _choose(logits: torch.Tensor, requests: Sequence[Request], rows: Sequence[int],
+            forced: Sequence[Sequence[int]] | None) -> tuple[list[int], list[int], list[float] | None]:
+    """(tokens fed next, tokens sampled, log p of the fed tokens or None): a row's forced tokens are fed while
+    it has any left, then its own samples."""
+    sampled = sample(logits, [requests[r].sampler for r in rows]).tolist()
+    if not forced:
+        return sampled, sampled, None
+    done = [len(requests[r].stopper.token_ids) for r in rows]
+    tokens = [forced[r][i] if i < len(forced[r]) else t for r, i, t in zip(rows, done, sampled, strict=True)]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(rows)), tokens].tolist()
+    return tokens, sampled, logprobs
 
 
 def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int = 2048,
              cache: KVCache | None = None, runtime: SfiRuntime | None = None,
              prefilled: Sequence[Prefilled] | None = None,
              forced: Sequence[Sequence[int]] | None = None,
-             static: bool | None = None, cuda_graphs: bool = True) -> Iterator[PrefillDone | StepDone]:
+             cuda_graphs: bool = True, probe=None) -> Iterator[PrefillDone | StepDone]:
     """Decode `requests` as one batch; each row's tokens accumulate in its StopChecker.
 
-    `prefilled` (with `cache`) skips the prompt forward passes; `forced` feeds given tokens instead of
-    sampling (teacher forcing) and reports their log-probabilities. `static` runs the decode steps
-    through static buffers (see sfi.graphs; default: on a GPU), replayed from CUDA graphs when
-    `cuda_graphs`; otherwise each step is built and launched op by op.
+    `prefilled` (with `cache`) skips the prompt forward passes; `forced` feeds each row's given tokens before
+    its own samples (teacher forcing) and reports the log-probabilities of the tokens fed. Every decode step
+    is a static step (sfi.graphs), replayed from a CUDA graph on a GPU when `cuda_graphs`; `probe` (eval's
+    recall diagnostic) sees every layer's attention, which needs the steps launched op by op.
     """
     device = model.device
     cache = cache or model.new_cache(len(requests), cache_length(requests))
@@ -160,42 +171,26 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
         else:
             ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
             logits = prefill_row(model, cache, row, ids, prefill_chunk, boot, runtime.refresh if runtime else None)
-        token = forced[row][0] if forced else int(sample(logits[None], [req.sampler])[0])
+        (token,), (sampled,), logprob = _choose(logits[None], requests, [row], forced)
         lengths[row], last[row] = len(req.prompt_ids), token
         done = req.stopper.feed(token)
         if runtime is not None:
             runtime.observe(row, token)
-        yield PrefillDone(row, started, time.perf_counter() - started, done,
-                          _logprob(logits, token) if forced else None)
+        yield PrefillDone(row, started, time.perf_counter() - started, done, logprob[0] if logprob else None,
+                          sampled if forced else None)
 
     step = 0
     active = [row for row, req in enumerate(requests) if not req.stopper.finished]
-    if static is None:
-        static = device.type == "cuda"
-    fixed = StaticDecoder(model, cache, runtime.memory if runtime else None, cuda_graphs,
-                          runtime.score_params if runtime else None) if static else None
+    decoder = StaticDecoder(model, cache, runtime.memory if runtime else None, cuda_graphs and probe is None,
+                            runtime.score_params if runtime else None)
     while active:
         started = time.perf_counter()
-        if fixed is not None:
-            kinds, captures = runtime.kinds(active, lengths) if runtime is not None else (None, [])
-            positions = [lengths[r] for r in active]
-            clen, start = runtime.ranges(active, kinds) if runtime is not None else ([0] * len(active),) * 2
-            slow = [(c.batch_index, c.lo, c.hi) for c in captures]
-            logits = fixed.decode([last[r] for r in active], active, positions, clen, start, slow)
-        else:
-            rows = torch.tensor(active, dtype=torch.long, device=device)
-            positions = torch.tensor([lengths[r] for r in active], dtype=torch.long, device=device)
-            kinds, sparse = runtime.plan(active, lengths, device) if runtime is not None else (None, None)
-            plan = DecodeStep(rows=rows, positions=positions, kv_len=max(lengths[r] for r in active) + 1,
-                              whole_cache=len(active) == cache.batch, sparse=sparse)
-            tokens_in = torch.tensor([last[r] for r in active], dtype=torch.long, device=device)
-            logits = model.decode(tokens_in, cache, plan)
-        logprobs = None
-        if forced:
-            tokens = [forced[r][len(requests[r].stopper.token_ids)] for r in active]
-            logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(active)), tokens].tolist()
-        else:
-            tokens = sample(logits, [requests[r].sampler for r in active]).tolist()
+        kinds, captures = runtime.kinds(active, lengths) if runtime is not None else (None, [])
+        clen, start = runtime.ranges(active, kinds) if runtime is not None else ([0] * len(active),) * 2
+        slow = [(c.batch_index, c.lo, c.hi) for c in captures]
+        logits = decoder.decode([last[r] for r in active], active, [lengths[r] for r in active], clen, start, slow,
+                                probe=probe)
+        tokens, sampled, logprobs = _choose(logits, requests, active, forced)
         seconds = time.perf_counter() - started
         if runtime is not None:
             runtime.record(active, kinds, lengths, seconds)
@@ -207,7 +202,7 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
                 finished.append(row)
             elif runtime is not None:
                 runtime.observe(row, token)
-        yield StepDone(step, list(active), tokens, finished, seconds, kinds, logprobs,
-                       fixed is not None and fixed.captured)
+        yield StepDone(step, list(active), tokens, finished, seconds, kinds, logprobs, decoder.captured,
+                       sampled if forced else None)
         step += 1
         active = [r for r in active if not requests[r].stopper.finished]

@@ -6,6 +6,7 @@ results. A bad job, a too-long prompt or a batch that runs out of memory costs t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
@@ -14,16 +15,16 @@ from typing import Protocol
 
 import torch
 
-from .boundary import make_boundary
 from .config import Config
 from .decoder import PrefillDone, Request, generate
 from .errors import JobInputError
 from .jobs import Job, JobProblem, read_jobs
 from .loader import LoadedModel, load_model
+from .method.boundary import make_boundary
+from .method.runtime import SfiRuntime
 from .model import ModelArgs
 from .prompts import Prompt, PromptError, fit, render
 from .results import JobResult, ResultWriter
-from .runtime import SfiRuntime
 from .sampling import RowSampler, SamplingParams
 from .scheduler import Sized, available_memory, plan_batches
 from .stopping import StopChecker
@@ -61,6 +62,7 @@ class RunSummary:
     fast_steps: int = 0
     kv_bytes_read: int = 0
     kv_bytes_dense: int = 0
+    budget: str = ""  # the SFI budget used, and why (derived from the model's context, or set by the recipe)
     compared: list[dict] = field(default_factory=list)  # each job's compare_dense object (--compare dense)
     config: dict = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)  # short per-job lines for the report
@@ -199,8 +201,7 @@ class Runner:
         cfg = self.cfg.sfi
         if not sfi or cfg.mode == "dense":
             return None
-        boundary = make_boundary(cfg.boundary, lm.tokenizer, cooldown=cfg.cooldown, min_gap=cfg.min_gap,
-                                 max_interval=cfg.max_interval, fixed_period=cfg.fixed_period)
+        boundary = make_boundary(cfg, lm.tokenizer)
         return SfiRuntime(cfg, boundary, n_rows, lm.args.kv_bytes_per_token(lm.model.dtype))
 
     def _decode(self, lm: LoadedModel, batch: Sequence[Prepared], sfi: bool) -> Iterator[Decoded]:
@@ -310,6 +311,10 @@ class Runner:
         s.model, s.load_s, s.device = lm.name, lm.load_s, str(lm.model.device)
         self.obs.message(f"model {lm.name} ({lm.args.family}, {lm.args.n_layers} layers) on {lm.model.device}, "
                          f"{str(lm.model.dtype).removeprefix('torch.')}, loaded in {lm.load_s:.1f}s")
+        if self.cfg.sfi.mode == "sfi":
+            s.budget = self.cfg.sfi.budget_note(lm.max_context)
+        self.cfg = dataclasses.replace(self.cfg, sfi=self.cfg.sfi.for_context(lm.max_context))
+        s.config = self.cfg.to_dict()
         sized: list[Sized[Prepared]] = []
         for job in todo:
             try:

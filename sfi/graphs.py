@@ -5,7 +5,7 @@ Only metadata changes between steps. Each row's attention is one range of the co
 by one span of its main cache (see kernels/ranged_decode.py): a fast row reads compact + recent, a slow
 or dense row an empty compact range + its whole cache. So slow rows do not break the graph for the
 others. Slow rows' refreshes run inside the step, a group of layers at a time on a side stream after the
-group's last attention (see sfi.refresh), and are part of the graph.
+group's last attention (see sfi.method.refresh), and are part of the graph.
 
 One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row
 and the batch (`default_split`), the split count is the number of splits of the longest row rounded up
@@ -22,10 +22,10 @@ import torch
 from sfi_kernels import default_split
 
 from .cache import KVCache
-from .memory import SparseMemory
+from .method.memory import SparseMemory
+from .method.refresh import StepRefresh
+from .method.selector import SelectorParams
 from .model import DecodeStep, Transformer
-from .refresh import StepRefresh
-from .selector import SelectorParams
 
 N_HOST = 14  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 4 slot
 
@@ -50,12 +50,11 @@ class _Buffers:
         self.host = torch.zeros(N_HOST, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied: torch.cuda.Event | None = None
 
-    def step(self, cache: KVCache, memory: SparseMemory | None, max_keys: int, split: int,
-             refresh: StepRefresh | None) -> DecodeStep:
+    def step(self, memory: SparseMemory | None, max_keys: int, split: int, refresh: StepRefresh | None,
+             probe=None) -> DecodeStep:
         rows, clen, start, span = self.meta.unbind(0)
-        return DecodeStep(rows=self.rows, positions=self.positions, kv_len=max_keys, whole_cache=False,
-                          fixed_ranges=(rows, clen, start, span, max_keys), memory=memory, refresh=refresh,
-                          split=split)
+        return DecodeStep(rows=self.rows, positions=self.positions, ranges=(rows, clen, start, span, max_keys),
+                          memory=memory, refresh=refresh, split=split, probe=probe)
 
 
 class StaticDecoder:
@@ -74,11 +73,12 @@ class StaticDecoder:
 
     def decode(self, tokens: Sequence[int], rows: Sequence[int], positions: Sequence[int],
                compact_len: Sequence[int], span_start: Sequence[int],
-               slow: Sequence[tuple[int, int, int]] = ()) -> torch.Tensor:
+               slow: Sequence[tuple[int, int, int]] = (), probe=None) -> torch.Tensor:
         """One step; float32 logits [B, V], valid until the next call. Row b reads compact_len[b] rows of
         its compact memory, then its cache from span_start[b] to positions[b] (inclusive). Each (batch
         index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
-        refreshed from its domain [lo, hi) during the step."""
+        refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
+        layer's attention; such steps are launched op by op."""
         b = len(rows)
         buf = self._buffers.get(b)
         if buf is None:
@@ -113,9 +113,9 @@ class StaticDecoder:
             refresh.row_meta.copy_(dev[7:10])
             refresh.meta.copy_(dev[10:14])
             refresh = refresh.for_step(len(slow))
-        if not self.graphs:
-            return self.model.decode(buf.tokens, self.cache,
-                                     buf.step(self.cache, self.memory, max_keys, split, refresh))
+        if not self.graphs or probe is not None:
+            self.captured = False
+            return self.model.decode(buf.tokens, self.cache, buf.step(self.memory, max_keys, split, refresh, probe))
         key = (b, max_keys, split, len(slow))
         self.captured = key not in self._graphs
         if self.captured:
@@ -135,7 +135,7 @@ class StaticDecoder:
 
     def _capture(self, buf: _Buffers, max_keys: int, split: int,
                  refresh: StepRefresh | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        step = buf.step(self.cache, self.memory, max_keys, split, refresh)
+        step = buf.step(self.memory, max_keys, split, refresh)
         # Warm up on a side stream (lazy initialisation, Triton compilation), as capture requires. The
         # warm-up writes the same cache positions the real step will write, with the same values.
         side = torch.cuda.Stream()

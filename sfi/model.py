@@ -2,13 +2,11 @@
 
 Hugging Face parameter names never appear here (the loader maps them). Two entry points, both with the
 step's state as explicit arguments: `prefill` (one row, one chunk of its prompt) and `decode` (one new
-token for each of several rows, every row at its own position). Attention is dispatched per step;
-later the decode step's metadata carries a per-row slow/fast plan.
+token for each of several rows, every row at its own position, each reading its own key ranges).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,37 +122,27 @@ class PrefillStep:
 
 @dataclass
 class DecodeStep:
-    """One new token for each of the rows `rows` [B] (cache row indices), at `positions` [B]."""
+    """One new token for each of the rows `rows` [B] (cache row indices), at `positions` [B].
+
+    Every row's attention reads one range of the compact memory and then one span of its cache (see
+    kernels/ranged_decode.py): `ranges` = (rows, compact_len, span_start, span_len) int32 [B] and the host
+    max of compact_len + span_len. A fast row reads compact + recent span, a slow or dense row nothing of the
+    memory and its whole cache, so every kind of row runs the same step (sfi.graphs builds it)."""
 
     rows: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64, where the new token goes (= tokens already cached)
-    kv_len: int  # host-side max(positions) + 1: how far into the cache any row reads
-    whole_cache: bool  # rows == arange(cache batch): attention can read the cache without a gather
-    sparse: Any = None  # runtime.SparsePlan: per-row slow/fast decision; None = every row dense
-    # Static-buffer steps (CUDA graphs): the ranged kernel's metadata given as is, the compact memory it
-    # reads, and the slow rows' in-step refresh (a refresh.StepRefresh), if any.
-    fixed_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
-    memory: Any = None
-    refresh: Any = None
+    ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+    memory: Any = None  # the compact memory (memory.SparseMemory) fast rows read, if any
+    refresh: Any = None  # the slow rows' in-step refresh (refresh.StepRefresh), if any
     split: int | None = None  # keys per split of the ranged kernel (None: its default for the step's shape)
+    probe: Any = None  # eval's recall diagnostic (eval.RecallProbe): sees each layer's attention, if any
 
-    @functools.cached_property
-    def ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Per-row key ranges for the ranged kernel, built once per step and shared by all layers:
-        (rows, compact_len, span_start, span_len) int32 [B] and the host max of compact_len + span_len."""
-        if self.fixed_ranges is not None:
-            return self.fixed_ranges
-        length = self.positions + 1
-        clen, start = torch.zeros_like(length), torch.zeros_like(length)
-        max_keys = self.kv_len
-        plan = self.sparse
-        if plan is not None and plan.fast_idx.numel():
-            clen[plan.fast_idx] = plan.compact_len
-            start[plan.fast_idx] = plan.recent_start
-        if plan is not None:
-            max_keys = plan.longest  # exact, so the kernel picks the split a static step of these rows picks
-        as32 = lambda t: t.to(torch.int32)  # noqa: E731
-        return as32(self.rows), as32(clen), as32(start), as32(length - start), max_keys
+    @classmethod
+    def dense(cls, rows: torch.Tensor, positions: torch.Tensor) -> DecodeStep:
+        """Every row attends to its whole cache (positions 0 .. its own)."""
+        zeros = torch.zeros_like(rows, dtype=torch.int32)
+        span = (positions + 1).to(torch.int32)
+        return cls(rows, positions, (rows.to(torch.int32), zeros, zeros, span, int(span.max())))
 
 
 class RMSNorm(nn.Module):

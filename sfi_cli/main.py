@@ -87,10 +87,11 @@ def eval_command(
     recipe: Annotated[list[str] | None, typer.Option("--recipe", "-r", help="Recipe to compare, repeatable; "
                       "NAME or NAME:section.key=value,... for an ablation [default: dense and default].",
                       show_default=False)] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey, multikey, vartrack, nll.")]
-    = "passkey,multikey,vartrack,nll",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: passkey, multikey, vartrack, preamble, nll (with the "
+                                            "recall diagnostic), fidelity.")]
+    = "passkey,multikey,vartrack,preamble,nll",
     lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens; 2k = 2048.")] = "2k,4k",
-    trials: Annotated[int, typer.Option(min=1, help="Trials per task and length.")] = 20,
+    trials: Annotated[int, typer.Option(min=1, help="Trials per task and length.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the generated tasks.")] = 0,
     batch: Annotated[int, typer.Option(min=1, help="Trials decoded together.")] = 4,
     device: Device = None,
@@ -100,8 +101,8 @@ def eval_command(
     quiet: Quiet = False,
 ) -> None:
     """Measure recipes side by side on generated long-context tasks (offline, seeded)."""
-    from sfi.eval import TASKS, evaluate, parse_lengths
     from sfi.loader import load_model
+    from sfi.tools.eval import TASKS, compare_to_dense, evaluate, parse_lengths
 
     from .render import eval_table, write_json
 
@@ -113,17 +114,23 @@ def eval_command(
     reporter = Reporter(quiet)
     lm = load_model(model, device or "auto", dtype or "auto", progress=reporter.message)
     reporter.message(f"model {lm.name} on {lm.model.device}, loaded in {lm.load_s:.1f}s")
+
+    def summarise(cells: list) -> list[dict]:
+        rows = [c.summary() for c in cells]
+        compare_to_dense(rows)
+        return rows
+
     def save(cells: list) -> None:
         if json_out is not None:
-            write_json(json_out, {"model": lm.name, "device": str(lm.model.device), "trials": trials, "seed": seed,
-                                  "cells": [c.summary() for c in cells]})
+            write_json(json_out, {"model": lm.name, "device": str(lm.model.device),
+                                  "dtype": str(lm.model.dtype).removeprefix("torch."), "trials": trials, "seed": seed,
+                                  "cells": summarise(cells)})
 
     cells = evaluate(lm, recipe or ["dense", "default"], task_list, parse_lengths(lengths), trials, seed=seed,
                      batch=batch, progress=reporter.message, checkpoint=save)
     save(cells)
-    rows = [c.summary() for c in cells]
     if not quiet:
-        eval_table(rows, reporter.console)
+        eval_table(summarise(cells), reporter.console)
 
 
 def _contexts(text: str) -> list[int]:

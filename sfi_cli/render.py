@@ -89,6 +89,7 @@ class Reporter:
             ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
             ("decode", f"{s.decode_tok_s:,.1f} tok/s over {s.decode_s:.1f}s"),
             ("sfi", _sfi_line(s)),
+            *([("budget", s.budget)] if s.budget else []),
             ("elapsed", f"{s.elapsed_s:.1f}s" + ("  (interrupted)" if s.interrupted else "")),
         ]
         if self.tty:
@@ -117,26 +118,46 @@ def _sfi_line(s: RunSummary) -> str:
     return line
 
 
+def _eval_cell(r: dict) -> str:
+    """correct/trials (with dense's 95% interval on dense's own row); an NLL with its change against dense."""
+    if "correct" in r:
+        text = f"{r['correct']}/{r['trials']}"
+        if r["recipe"] == "dense":
+            lo, hi = r["ci95"]
+            text += f" [{lo * r['trials']:.0f}-{hi * r['trials']:.0f}]"
+        elif r.get("within_dense_ci") is False:
+            text += " *"
+        return text
+    text = f"{r['nll']:.3f}"
+    if r.get("nll_vs_dense") is not None:
+        ci = r.get("nll_vs_dense_ci")
+        text += f" {r['nll_vs_dense']:+.1%}" + (f"±{ci:.1%}" if ci is not None else "")
+    if r["task"] == "fidelity":
+        text += f"\nagree {r['agreement']:.0%}, top-1 {r['top1']:.0%}"
+    return text
+
+
+def _mean_pct(rows, key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{sum(values) / len(values):.1%}" if values else "-"
+
+
 def eval_table(rows: list[dict], console: Console) -> None:
-    """Recipes down, task@length across: accuracy (correct/trials) or NLL, then the cost columns."""
+    """Recipes down, task@length across, then the cost columns and the recall diagnostic. Retrieval: correct/trials
+    (dense's row shows its 95% interval; * marks a count outside it); nll and fidelity: the mean NLL and its
+    change against dense with a paired 95% interval."""
     columns = sorted({(r["task"], r["length"]) for r in rows}, key=lambda c: (c[0], c[1]))
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     table = Table(title="sfi eval", title_justify="left")
     table.add_column("recipe")
     for task, length in columns:
         table.add_column(f"{task}\n{length}", justify="right")
-    table.add_column("attended", justify="right")
-    table.add_column("slow", justify="right")
+    for name in ("attended", "slow", "recall"):
+        table.add_column(name, justify="right")
     for recipe in recipes:
         mine = {(r["task"], r["length"]): r for r in rows if r["recipe"] == recipe}
-        cells = []
-        for key in columns:
-            r = mine[key]
-            cells.append(f"{r['nll']:.4f}" if r["task"] == "nll" else f"{r['correct']}/{r['trials']}")
-        attended = [r["attended_fraction"] for r in mine.values() if r["attended_fraction"] is not None]
-        slow = [r["slow_fraction"] for r in mine.values() if r["slow_fraction"] is not None]
-        table.add_row(recipe, *cells, f"{sum(attended) / len(attended):.1%}" if attended else "-",
-                      f"{sum(slow) / len(slow):.1%}" if slow else "-")
+        table.add_row(recipe, *(_eval_cell(mine[key]) if key in mine else "-" for key in columns),
+                      *(_mean_pct(mine.values(), key) for key in ("attended_fraction", "slow_fraction", "recall")))
     console.print(table)
 
 
@@ -206,7 +227,7 @@ def write_report(path: Path, summary: RunSummary) -> None:
         "timing": {"load_s": round(summary.load_s, 3), "elapsed_s": round(summary.elapsed_s, 3),
                    "decode_s": round(summary.decode_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2)},
         "interrupted": summary.interrupted, "config": summary.config, "results": summary.results,
-        "sfi": {"slow_steps": summary.slow_steps, "fast_steps": summary.fast_steps,
+        "sfi": {"budget": summary.budget, "slow_steps": summary.slow_steps, "fast_steps": summary.fast_steps,
                 "kv_bytes_read": summary.kv_bytes_read, "kv_bytes_dense": summary.kv_bytes_dense},
     }
     write_json(path, data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from sfi.boundary import BoundaryState, FixedPeriod, NoBoundary, SentenceBoundary, is_ender_text, vocabulary
+from sfi.method.boundary import BoundaryState, FixedPeriod, NoBoundary, SentenceBoundary, is_ender_text, vocabulary
 
 
 class QwenStyleVocab:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sfi.engine
+from sfi.config import derived_budget
 from sfi.model import Transformer
 from sfi.results import ResultWriter
 from sfi_cli.main import main
@@ -61,7 +62,9 @@ def test_all_jobs_succeed_exit_0_with_report(ckpt, tmp_path):
         assert r["prompt_tokens"] > 0 and r["timing"]["decode_s"] >= 0
     rep = json.loads(report.read_text())
     assert rep["jobs"]["succeeded"] == len(JOBS) and rep["exit_code"] == 0
-    assert rep["config"]["recipe"] == "default" and rep["config"]["sfi"]["k_head"] == 2048
+    # the budget follows the model's context (512 tokens here) and the report says so
+    assert rep["config"]["recipe"] == "default" and rep["config"]["sfi"]["k_head"] == derived_budget(512)[0] == 64
+    assert rep["config"]["sfi"]["recent"] == derived_budget(512)[1] and "derived" in rep["sfi"]["budget"]
     assert rep["tokens"]["completion"] == sum(r["completion_tokens"] for r in records.values())
 
 

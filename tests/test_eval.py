@@ -7,8 +7,18 @@ import json
 import pytest
 
 from sfi.errors import ConfigError
-from sfi.eval import NLL_TOKENS, TASKS, build_trial, evaluate, parse_lengths, parse_recipe_spec
 from sfi.loader import load_model
+from sfi.tools.eval import (
+    NLL_TOKENS,
+    PREAMBLE,
+    TASKS,
+    build_trial,
+    compare_to_dense,
+    evaluate,
+    parse_lengths,
+    parse_recipe_spec,
+    wilson,
+)
 from sfi_cli.main import main
 
 import tiny
@@ -30,16 +40,22 @@ def test_trials_are_seeded_sized_and_hold_their_needles(lm, task):
     text = tok.decode(a.prompt_ids)
     if task == "nll":
         assert len(a.continuation) == NLL_TOKENS and a.answer is None
+    elif task == "fidelity":
+        assert a.answer is None and text.rstrip().endswith("assistant") and "summary" in text
     else:
         assert a.answer.isdigit() and a.answer in text
         if task == "vartrack":
             assert text.count("VAR ") >= 4  # three assignments and the answer prefix
             assert len(a.chain) == 3 and all(f"VAR {name} =" in text for name in a.chain)
-        assert text.rstrip().endswith(("number", "is", "VAR"))  # the answer prefix ends the prompt
+        if task == "preamble":  # the answer starts after a forced sentence, not in the prompt
+            assert text.rstrip().endswith("assistant") and tok.decode(a.forced).startswith(PREAMBLE)
+            assert a.answer not in tok.decode(a.forced)
+        else:
+            assert text.rstrip().endswith(("number", "is", "VAR")) and not a.forced  # the answer prefix ends it
 
 
 def test_scoring():
-    from sfi.eval import Trial
+    from sfi.tools.eval import Trial
 
     key = Trial("passkey", 10, [1], answer="12345")
     assert key.score(" 12345.") and not key.score(" 1234.")
@@ -62,11 +78,28 @@ def test_parse_lengths():
         parse_lengths("2q")
 
 
+def test_wilson_interval():
+    assert wilson(0, 10)[0] == 0 and wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo, hi = wilson(17, 20)
+    assert lo < 17 / 20 < hi
+
+
+def test_compare_to_dense_pairs_the_trials():
+    rows = [{"recipe": "dense", "task": "nll", "length": 9, "nll": 2.0, "values": [1.0, 2.0, 3.0]},
+            {"recipe": "x", "task": "nll", "length": 9, "nll": 2.2, "values": [1.1, 2.2, 3.3]},
+            {"recipe": "dense", "task": "passkey", "length": 9, "accuracy": 0.5, "ci95": [0.3, 0.7], "values": [1, 0]},
+            {"recipe": "x", "task": "passkey", "length": 9, "accuracy": 0.0, "ci95": [0.0, 0.6], "values": [0, 0]}]
+    compare_to_dense(rows)
+    assert rows[1]["nll_vs_dense"] == pytest.approx(0.1) and rows[1]["nll_vs_dense_ci"] > 0
+    assert rows[3]["within_dense_ci"] is False and "nll_vs_dense" not in rows[0]
+
+
 def test_covering_budget_matches_dense_and_small_budget_reads_less(lm):
     recipes = ["dense", "tiny:sfi.dense_within_budget=false,sfi.k_head=5000", "tiny:sfi.k_head=16,sfi.recent=16"]
-    cells = {(c.recipe, c.task): c.summary() for c in evaluate(lm, recipes, ["passkey", "nll"], [300], trials=3,
-                                                                  batch=2)}
-    assert len(cells) == 6 and all(c["trials"] == 3 for c in cells.values())
+    cells = {(c.recipe, c.task): c.summary() for c in evaluate(lm, recipes, ["passkey", "preamble", "nll"], [300],
+                                                                  trials=3, batch=2)}
+    assert len(cells) == 9 and all(c["trials"] == 3 for c in cells.values())
     dense_nll, cover_nll = cells[("dense", "nll")]["nll"], cells[(recipes[1], "nll")]["nll"]
     assert cover_nll == pytest.approx(dense_nll, abs=1e-4)
     assert cells[(recipes[1], "nll")]["attended_fraction"] == 1.0
@@ -74,7 +107,24 @@ def test_covering_budget_matches_dense_and_small_budget_reads_less(lm):
     small = cells[(recipes[2], "nll")]
     assert small["attended_fraction"] < 0.3 and small["slow_fraction"] < 0.5
     assert small["nll"] != dense_nll
-    assert cells[("dense", "passkey")]["correct"] == cells[(recipes[1], "passkey")]["correct"]
+    for task in ("passkey", "preamble"):
+        assert cells[("dense", task)]["values"] == cells[(recipes[1], task)]["values"]
+    # the recall diagnostic: fast steps over a covering memory hold all the dense attention mass, a small one less
+    cover = cells[(recipes[1], "nll")]
+    assert cover["recall"] == pytest.approx(1.0, abs=1e-4) and len(cover["recall_by_layer"]) == lm.args.n_layers
+    assert len(cover["recall_by_head"][0]) == lm.args.n_kv_heads
+    assert 0 < small["recall"] < 0.99 and all(0 < r <= 1 for r in small["recall_by_layer"])
+    assert "recall" not in cells[("dense", "nll")]  # no fast steps
+
+
+def test_fidelity_against_dense(lm):
+    recipes = ["dense", "tiny:sfi.dense_within_budget=false,sfi.k_head=5000", "tiny:sfi.k_head=16,sfi.recent=16"]
+    cells = {c.recipe: c.summary() for c in evaluate(lm, recipes, ["fidelity"], [200], trials=2, batch=2)}
+    assert cells["dense"]["agreement"] == 1.0 and cells["dense"]["top1"] == 1.0
+    assert cells[recipes[1]]["agreement"] == 1.0 and cells[recipes[1]]["nll"] == pytest.approx(cells["dense"]["nll"],
+                                                                                                abs=1e-4)
+    small = cells[recipes[2]]  # the random model's argmax barely moves, its probabilities do
+    assert small["attended_fraction"] < 0.5 and small["nll"] > cells["dense"]["nll"] + 1e-3
 
 
 def test_eval_command_writes_json_and_a_table(lm, tmp_path, capsys):

@@ -73,14 +73,14 @@ def test_ragged_batched_decode_matches_transformers(checkpoint):
         ours.model.prefill(ids[:n], cache, PrefillStep(row, 0, n))
     rows = torch.arange(3)
     positions = torch.tensor(lengths)
-    step = DecodeStep(rows=rows, positions=positions, kv_len=max(lengths) + 1, whole_cache=True)
+    step = DecodeStep.dense(rows, positions)
     logits = ours.model.decode(ids[positions], cache, step)
     for row, n in enumerate(lengths):
         with torch.no_grad():
             ref = theirs(ids[: n + 1][None]).logits[0, -1]
         torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=1e-4)
     # A subset of rows (as when others have finished) reads its own cache rows only.
-    sub = DecodeStep(rows=torch.tensor([2, 0]), positions=torch.tensor([8, 51]), kv_len=52, whole_cache=False)
+    sub = DecodeStep.dense(torch.tensor([2, 0]), torch.tensor([8, 51]))
     cache2 = ours.model.new_cache(3, 140)
     for row, n in enumerate(lengths):
         ours.model.prefill(ids[: n + 1], cache2, PrefillStep(row, 0, n + 1))
@@ -108,7 +108,7 @@ def test_layer_major_prefill_equals_chunked(tmp_path):
     logits, cache and bootstrap captures."""
     from sfi.decoder import prefill_row
     from sfi.loader import load_model
-    from sfi.runtime import Capture
+    from sfi.method.runtime import Capture
 
     lm = load_model(str(tiny.make_checkpoint(tmp_path, "qwen3", seed=4)), device="cpu")
     ids = torch.tensor(tiny.tokenizer()(tiny.TEXT * 2)["input_ids"][:150])

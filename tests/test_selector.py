@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sfi import selector as S
+from sfi.method import selector as S
 
 P = S.SelectorParams()
 
@@ -91,6 +91,39 @@ def test_exclusivity_is_skipped_for_two_or_fewer_kv_heads():
     torch.testing.assert_close(out, s3 + 0.85 * rho.log())
 
 
+def test_span_pool_keeps_a_peaks_successors_and_whole_blocks():
+    s = torch.full((2, 40), -5.0)
+    s[:, 10] = 1.0
+    s[1, 30] = 0.5
+    pooled = S.span_pool(s, 3, 1)
+    assert torch.all(pooled >= s)  # never lowers a score
+    assert (pooled[0, 10:14] == 1.0).all() and pooled[0, 14] == -5.0 and pooled[0, 9] == -5.0
+    blocks = S.span_pool(s, 0, 8)  # positions 8..15 score as position 10
+    assert (blocks[0, 8:16] == 1.0).all() and (blocks[0, :8] == -5.0).all() and (blocks[1, 24:32] == 0.5).all()
+    both = S.span_pool(s, 3, 8)  # 10..13 stay in their block; 30..33 reach the block 32..39
+    assert torch.equal(both[0], blocks[0]) and (both[1, 24:40] == 0.5).all() and (both[1, 16:24] == -5.0).all()
+    s[0, 15] = 2.0
+    assert (S.span_pool(s, 3, 8)[0, 16:24] == 2.0).all()
+    short = S.span_pool(torch.tensor([[0.0, 3.0, 1.0]]), 0, 4)  # a partial last block
+    assert short.tolist() == [[3.0, 3.0, 3.0]]
+    assert torch.equal(S.span_pool(s, 0, 1), s)  # off: the spec's Selector
+
+
+def test_span_selection_keeps_the_tokens_after_a_peak():
+    """The induction failure of the spec's Selector: attention on the first digit of a number only. With
+    successors the next tokens are kept at the same budget."""
+    h, r, n = 4, 4, 400
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(h, r, n, generator=g) * 0.3
+    z[:, :, 200] += 8.0  # the number starts here; its next four tokens get no attention of their own
+    norms = torch.ones(h, n)
+    plain = S.select(z, norms, 16, P)
+    span = S.select(z, norms, 16, S.SelectorParams(span_successors=4))
+    assert all(200 in row for row in plain.tolist())
+    assert not all({201, 202, 203, 204} <= set(row) for row in plain.tolist())  # soft NMS pushed them out
+    assert all({200, 201, 202, 203, 204} <= set(row) for row in span.tolist())
+
+
 def test_selection_is_deterministic_sorted_and_within_budget():
     z, norms = random_case(seed=3)
     a = S.select(z, norms, 64, P)
@@ -126,8 +159,9 @@ def test_planted_peaks_are_picked(use):
 def test_stage_switches_change_the_scores():
     z, norms = random_case(seed=5)
     base = S.scores(z, norms, P)
-    for switch in ("use_power_mean", "use_prior", "use_nms", "use_exclusivity"):
-        other = S.scores(z, norms, S.SelectorParams(**{switch: False}))
+    for switch in ("use_power_mean", "use_prior", "use_nms", "use_exclusivity", "span_successors", "span_block"):
+        value = {"span_successors": 4, "span_block": 4}.get(switch, False)
+        other = S.scores(z, norms, S.SelectorParams(**{switch: value}))
         assert not torch.allclose(base, other), switch
 
 

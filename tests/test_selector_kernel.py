@@ -1,4 +1,4 @@
-"""The fused Selector scores (Triton; interpreted on CPU) and their torch restatement against sfi.selector.scores."""
+"""The fused Selector scores (Triton; interpreted on CPU) against the Selector's reference (sfi.method.selector)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sfi import selector as S
+from sfi.method import selector as S
 from sfi_kernels import selector_scores, selector_scores_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +32,7 @@ def make_case(n, h, r, c, seed, scale=3.0, spikes=3):
 
 
 def expected(z, norms, n, params):
-    """sfi.selector.scores on each problem's slice, -inf past its domain."""
+    """sfi.method.selector.scores on each problem's slice, -inf past its domain."""
     out = torch.full(norms.shape, -math.inf, device=z.device)
     for i, m in enumerate(n.tolist()):
         if m:
@@ -80,6 +80,14 @@ ABLATIONS = {
     "wide_nms": dict(nms_radius=5, nms_strength=0.4, excl_weight=2.0),
     "radius_1": dict(nms_radius=1),
     "radius_40": dict(nms_radius=40, nms_strength=2.0),  # windows wider than most domains
+    # span pooling: a power-of-two window (one pair of tiles), others (two pairs), blocks, both, alone
+    "successors_8": dict(span_successors=8),
+    "successors_5": dict(span_successors=5),
+    "successors_1": dict(span_successors=1),
+    "block_4": dict(span_block=4),
+    "successors_3_block_16": dict(span_successors=3, span_block=16),
+    "span_only": dict(use_prior=False, use_nms=False, use_exclusivity=False, span_successors=6, span_block=2),
+    "span_wider_than_domain": dict(span_successors=70, span_block=64),
 }
 
 
@@ -92,6 +100,13 @@ def test_ablations(name):
     assert_matches(got, want)
     assert torch.equal(got, selector_scores(z, norms, nt, params))  # deterministic
     assert_matches(selector_scores_ref(z, norms, nt, params), want)
+
+
+def test_span_pooling_across_program_blocks():
+    """Windows and blocks that straddle the kernel's position blocks (block_b 16 < successors + block)."""
+    params = dataclasses.replace(DEFAULT, span_successors=12, span_block=8)
+    z, norms, nt = make_case([200, 77, 1], 4, 3, 200, seed=9)
+    assert_matches(selector_scores(z, norms, nt, params, block_b=16), expected(z, norms, nt, params))
 
 
 def test_lam_takes_every_branch():

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from sfi.boundary import FixedPeriod, NoBoundary
 from sfi.config import SfiConfig
 from sfi.decoder import Request, generate
-from sfi.runtime import SfiRuntime
+from sfi.method.boundary import FixedPeriod, NoBoundary
+from sfi.method.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
 

@@ -1,65 +1,105 @@
-"""Static decode steps (the CUDA-graph path, run eagerly on CPU): the same tokens and the same
-selections as the op-by-op path, for dense and SFI batches whose rows fire at different steps."""
+"""The static decode step (the only decode path; replayed from CUDA graphs on a GPU, launched op by op on a
+CPU): its in-step refresh against the Selector's reference, and whole batches on a six-layer model whose
+refresh runs in three layer groups."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from sfi.boundary import FixedPeriod
+from sfi.cache import KVCache
 from sfi.config import SfiConfig
 from sfi.decoder import Request, generate
 from sfi.graphs import _bucket
-from sfi.runtime import SfiRuntime
+from sfi.method.boundary import FixedPeriod
+from sfi.method.memory import SparseMemory
+from sfi.method.refresh import StepRefresh, group_size
+from sfi.method.runtime import SfiRuntime
+from sfi.method.selector import SelectorParams, select
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
 
 import tiny
 
+SPAN = dict(span_successors=3, span_block=4)  # 3: the kernel's two-window path
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3-6-layers"])
-def lm(request, tmp_path_factory):
-    # Six layers: the in-step refresh runs in three groups of two, and the third reuses the first's buffer.
-    family, layers = (request.param.split("-")[0], {"num_hidden_layers": 6}) if "layers" in request.param else \
-        (request.param, {})
-    return tiny.load_for_sfi(tmp_path_factory.mktemp(request.param), family, seed=5, **layers)
+
+@pytest.mark.parametrize("params", [SelectorParams(), SelectorParams(**SPAN)], ids=["spec", "span"])
+def test_step_refresh_writes_what_the_selector_picks(params):
+    """Six layers in three groups of two (the third group reuses the first's buffers), two slow rows with
+    different domains: the compact memory holds the sink and exactly the rows `select` picks."""
+    g = torch.Generator().manual_seed(0)
+    layers, rows, hkv, hq, length, d, sink, k_head = 6, 3, 4, 8, 90, 8, 4, 20
+    cache = KVCache(layers, rows, hkv, length, d, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    memory = SparseMemory(layers, rows, hkv, sink, k_head, d, torch.float32, "cpu")
+    memory.k.fill_(float("nan"))
+    refresh = StepRefresh(cache, memory, params, batch=rows, capacity=length, n_heads=hq)
+    slots = [(2, sink, 70), (0, sink, 30)]  # (cache row, lo, hi): domains of 66 and 26 positions
+    refresh.meta.copy_(torch.tensor([[r for r, _, _ in slots] + [0], [lo for _, lo, _ in slots] + [0],
+                                     [hi - lo for _, lo, hi in slots] + [0],
+                                     [min(k_head, hi - lo) for _, lo, hi in slots] + [0]], dtype=torch.int32))
+    step = refresh.for_step(len(slots))
+    assert group_size(layers) == 2
+    logits = {}
+    for layer in range(layers):
+        step.before_attention(layer)
+        cap = step.capture(layer)  # what the attention kernel would write for each slot
+        for s, (row, lo, hi) in enumerate(slots):
+            z = torch.randn(hq, hi - lo, generator=g) * 3
+            cap.z[s, :, : hi - lo] = z
+            cap.norms[s, :, : hi - lo] = cache.k[layer, row, :, lo:hi].norm(dim=-1)
+            logits[layer, s] = z
+        step.after_attention(layer)
+    step.finish()
+    for layer in range(layers):
+        for s, (row, lo, hi) in enumerate(slots):
+            z = logits[layer, s].reshape(hkv, hq // hkv, hi - lo)
+            picks = select(z, cache.k[layer, row, :, lo:hi].norm(dim=-1), k_head, params)  # [Hkv, n]
+            want = cache.k[layer, row].gather(1, (picks + lo)[..., None].expand(-1, -1, d))
+            n = picks.shape[1]
+            torch.testing.assert_close(memory.k[layer, row, :, :sink], cache.k[layer, row, :, :sink])
+            torch.testing.assert_close(memory.k[layer, row, :, sink:sink + n], want)
+            torch.testing.assert_close(memory.v[layer, row, :, sink:sink + n],
+                                       cache.v[layer, row].gather(1, (picks + lo)[..., None].expand(-1, -1, d)))
+    assert memory.k[:, 1].isnan().all()  # no slot names row 1: untouched
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    return tiny.load_for_sfi(tmp_path_factory.mktemp("six"), "qwen3", seed=5, num_hidden_layers=6)
+
+
+def run(lm, prompts, new, cfg):
+    reqs = [Request(p, RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), n))
+            for p, n in zip(prompts, new, strict=True)]
+    runtime = None
+    if cfg is not None:
+        runtime = SfiRuntime(cfg, FixedPeriod(6), len(reqs), lm.args.kv_bytes_per_token(lm.model.dtype))
+    events = list(generate(lm.model, reqs, prefill_chunk=64, runtime=runtime))
+    return [r.stopper.token_ids for r in reqs], events
 
 
 def prompt(n, offset=0):
     return tiny.tokenizer()(tiny.TEXT * 4)["input_ids"][offset:offset + n]
 
 
-def run(lm, prompts, new, cfg, static):
-    reqs = [Request(p, RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), n))
-            for p, n in zip(prompts, new, strict=True)]
-    runtime = None
-    if cfg is not None:
-        runtime = SfiRuntime(cfg, FixedPeriod(6), len(reqs), lm.args.kv_bytes_per_token(lm.model.dtype))
-    events = list(generate(lm.model, reqs, prefill_chunk=64, runtime=runtime, static=static))
-    memory = runtime.memory if runtime is not None else None
-    return [r.stopper.token_ids for r in reqs], runtime, events, memory
-
-
-@pytest.mark.parametrize("recipe", ["dense", "sfi"])
-def test_static_steps_match_op_by_op(lm, recipe):
-    if recipe == "dense" and lm.args.n_layers > 2:
-        pytest.skip("the six-layer model is for the refresh's layer groups; dense steps refresh nothing")
-    cfg = SfiConfig(sink=4, k_head=24, recent=16) if recipe == "sfi" else None  # budget 44
-    prompts = [prompt(30), prompt(90, 3), prompt(61, 7)]
-    new = [30, 18, 25]  # rows finish at different steps: the static batch shrinks
-    eager, rt_eager, ev_eager, mem_eager = run(lm, prompts, new, cfg, static=False)
-    fixed, rt_fixed, ev_fixed, mem_fixed = run(lm, prompts, new, cfg, static=True)
-    assert fixed == eager
-    if cfg is not None:
-        kinds = [k for e in ev_fixed if hasattr(e, "kinds") for k in e.kinds]
-        assert kinds.count("slow") >= 6 and kinds.count("fast") >= 20 and "full" in kinds
-        assert [k for e in ev_eager if hasattr(e, "kinds") for k in e.kinds] == kinds
-        for row in range(3):
-            assert rt_fixed.stats[row].slow_steps == rt_eager.stats[row].slow_steps
-            n = rt_fixed.compact_len[row]
-            # the static step's fused refresh picked the same rows as the op-by-op Selector (the values
-            # differ only by the rounding of the two attention paths; a different pick would be a different key)
-            torch.testing.assert_close(mem_fixed.k[:, row, :, :n], mem_eager.k[:, row, :, :n], rtol=1e-4, atol=1e-5)
+def test_six_layers_covering_budget_equals_dense(six):
+    """Slow steps refresh in three layer groups; with a budget that covers every position the memory holds
+    the whole domain, so fast steps read everything and the tokens are dense's, while rows shrink the batch."""
+    prompts, new = [prompt(30), prompt(90, 3), prompt(61, 7)], [30, 18, 25]
+    cfg = SfiConfig(sink=4, k_head=1000, recent=16, dense_within_budget=False)
+    dense, _ = run(six, prompts, new, None)
+    ours, events = run(six, prompts, new, cfg)
+    assert ours == dense
+    kinds = [k for e in events if hasattr(e, "kinds") for k in e.kinds]
+    assert kinds.count("slow") >= 6 and kinds.count("fast") >= 20
+    small, events = run(six, prompts, new, dataclasses.replace(cfg, k_head=24, dense_within_budget=True))
+    kinds = [k for e in events if hasattr(e, "kinds") for k in e.kinds]
+    assert {"slow", "fast", "full"} <= set(kinds) and [len(t) for t in small] == new
 
 
 def test_split_buckets():
@@ -67,6 +107,4 @@ def test_split_buckets():
 
 
 def test_refresh_groups_divide_the_layers():
-    from sfi.refresh import group_size
-
     assert [group_size(n) for n in (1, 2, 6, 28, 30, 36, 31)] == [1, 1, 2, 7, 10, 12, 1]

@@ -25,9 +25,17 @@ from __future__ import annotations
 
 import torch
 
-from sfi_kernels import LogitCapture, compact_write, kept_positions, selector_scores
+from sfi_kernels import (
+    LogitCapture,
+    compact_write,
+    compact_write_ref,
+    kept_positions,
+    kept_positions_ref,
+    selector_scores,
+    selector_scores_ref,
+)
 
-from .cache import KVCache
+from ..cache import KVCache
 from .memory import SparseMemory
 from .selector import SelectorParams
 
@@ -104,18 +112,21 @@ class StepRefresh:
         # Problem p = slot * g + layer of the group; query heads h*G..h*G+G-1 share KV head h.
         z = self.z[buf, :s].view(s * g, hkv, hq // hkv, cap)
         per_problem = lambda t: t.repeat_interleave(g)  # noqa: E731  [S] -> [S * g]
-        score = selector_scores(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
+        # The kernels on a GPU, their references on a CPU (the same step either way).
+        scores_fn, kept_fn, write_fn = ((selector_scores, kept_positions, compact_write) if z.is_cuda else
+                                        (selector_scores_ref, kept_positions_ref, compact_write_ref))
+        score = scores_fn(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
         k = min(self.memory.k_head, cap)
         if k:
             top = torch.topk(score, k, dim=-1, sorted=False).values  # [S * g, Hkv, k]
             kth = top.amin(dim=-1)
             n_above = (top > kth[..., None]).sum(dim=-1, dtype=torch.int32)  # k values counted, not C positions
-            picks = kept_positions(score, kth, k, n_above)  # [S * g, Hkv, k], domain order; -inf (past n) last
+            picks = kept_fn(score, kth, k, n_above)  # [S * g, Hkv, k], domain order; -inf (past n) last
         else:  # k_head 0: the memory is the sink alone
             picks = torch.empty(s * g, hkv, 0, dtype=torch.int32, device=score.device)
         # The compaction writer sees the layers of the cache and memory as rows: row = layer * Bc + cache row.
         flat_rows = (self.layer_rows[group][None, :] + rows[:, None]).view(-1)
         c, m = self.cache, self.memory
         flat = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731  [L, Bc, ...] -> [L * Bc, ...]
-        compact_write(flat(c.k), flat(c.v), flat(m.k), flat(m.v), flat_rows, per_problem(lo), per_problem(count),
-                      picks, m.sink)
+        write_fn(flat(c.k), flat(c.v), flat(m.k), flat(m.v), flat_rows, per_problem(lo), per_problem(count), picks,
+                 m.sink)

@@ -1,5 +1,6 @@
 """SFI's per-row bookkeeping during a batch: which kind of step each row takes, when its memory is
-refreshed, and what it cost. The model never sees this object, only the `SparsePlan` it builds.
+refreshed, and what it cost. The model never sees this object, only the per-row key ranges it gives
+the static decode step (sfi.graphs) and the bootstrap refresh after a prefill.
 
 Step kinds: "slow" (dense over the whole cache, then the Selector refreshes the row's memory), "fast"
 (compact memory + recent span), "full" (the context still fits the budget sink + k_head + recent,
@@ -15,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import SfiConfig
 from .boundary import Boundary, BoundaryState
-from .config import SfiConfig
 from .memory import SparseMemory
 from .selector import SelectorParams, select, select_topk
 
@@ -34,21 +35,6 @@ class Capture:
 
 
 @dataclass
-class SparsePlan:
-    """Per-step metadata for the attention dispatch (indices are into the step's batch)."""
-
-    dense_idx: torch.Tensor  # rows attending to their whole cache (slow and full)
-    fast_idx: torch.Tensor
-    compact_len: torch.Tensor  # [n_fast] valid rows of each fast row's compact memory
-    recent_start: torch.Tensor  # [n_fast] first cache position of each fast row's recent span
-    span: int  # host max of (cache length - recent_start) over the fast rows
-    longest: int  # host max over all rows of the keys the step reads (a fast row: compact + recent span)
-    captures: list[Capture]
-    memory: SparseMemory | None
-    refresh: Refresh
-
-
-@dataclass
 class RowStats:
     slow: int = 0
     fast: int = 0
@@ -62,6 +48,8 @@ class RowStats:
 
 class SfiRuntime:
     def __init__(self, cfg: SfiConfig, boundary: Boundary, n_rows: int, kv_bytes_per_token: int) -> None:
+        if not cfg.resolved:
+            raise ValueError("the SFI budget must be resolved for the model first (SfiConfig.for_context)")
         self.cfg, self.boundary = cfg, boundary
         # Rows whose context fits this attend to everything; -1 sends every row through the memory.
         self.budget = cfg.sink + cfg.k_head + cfg.recent if cfg.dense_within_budget else -1
@@ -71,7 +59,8 @@ class SfiRuntime:
         # The same Selector as fused-kernel parameters (static decode steps): the top-k baseline is the
         # power mean of the rows' distributions at alpha 1 with every later stage off.
         self.score_params = self.params if cfg.selector == "sfi" else dataclasses.replace(
-            self.params, use_power_mean=False, use_prior=False, use_nms=False, use_exclusivity=False)
+            self.params, use_power_mean=False, use_prior=False, use_nms=False, use_exclusivity=False,
+            span_successors=0, span_block=1)
         self.state = [BoundaryState() for _ in range(n_rows)]
         self.pending = [False] * n_rows
         self.has_memory = [False] * n_rows
@@ -149,23 +138,6 @@ class SfiRuntime:
         fast = [kind == "fast" for kind in kinds]
         return ([self.compact_len[r] if f else 0 for r, f in zip(active, fast, strict=True)],
                 [self.recent_start[r] if f else 0 for r, f in zip(active, fast, strict=True)])
-
-    def plan(self, active: Sequence[int], lengths: Sequence[int], device: torch.device) -> tuple[list[str], SparsePlan]:
-        kinds, captures = self.kinds(active, lengths)
-        dense = [i for i, kind in enumerate(kinds) if kind != "fast"]
-        fast = [i for i, kind in enumerate(kinds) if kind == "fast"]
-        fast_rows = [active[i] for i in fast]
-        span = max((lengths[r] + 1 - self.recent_start[r] for r in fast_rows), default=0)
-        clen, _ = self.ranges(active, kinds)
-        longest = max(c + lengths[r] + 1 - (self.recent_start[r] if k == "fast" else 0)
-                      for c, r, k in zip(clen, active, kinds, strict=True))
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        plan = SparsePlan(
-            dense_idx=as_long(dense), fast_idx=as_long(fast),
-            compact_len=as_long([self.compact_len[r] for r in fast_rows]),
-            recent_start=as_long([self.recent_start[r] for r in fast_rows]),
-            span=span, longest=longest, captures=captures, memory=self.memory, refresh=self.refresh)
-        return kinds, plan
 
     def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float) -> None:
         """Account one finished step (before `lengths` advance)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import KVCache
+from ..cache import KVCache
 
 
 class SparseMemory:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
+from ..config import SfiConfig
+
 ENDER_MARKS = frozenset(".?!。？！")
 CJK_MARKS = frozenset("。？！")
 CLOSERS = frozenset("\"')]}»”’」』】")
@@ -100,6 +102,7 @@ class SentenceBoundary:
     cooldown: int = 2
     min_gap: int = 16
     max_interval: int = 64
+    early_step: int = 0  # a slow step forced at this step as well (0: none); see SfiConfig.early_slow_step
 
     def observe(self, state: BoundaryState, token: int) -> bool:
         step = state.step + 1
@@ -116,7 +119,7 @@ class SentenceBoundary:
             state.armed, state.open, state.cooldown = True, token in v.open_enders, self.cooldown
         elif state.cooldown > 0:
             state.cooldown -= 1
-        return _advance(state, fire or step - state.last_slow >= self.max_interval)
+        return _advance(state, fire or step == self.early_step or step - state.last_slow >= self.max_interval)
 
 
 @dataclass(frozen=True)
@@ -137,10 +140,11 @@ class NoBoundary:
         return _advance(state, False)
 
 
-def make_boundary(kind: str, tokenizer: Any, *, cooldown: int, min_gap: int, max_interval: int,
-                  fixed_period: int) -> Boundary:
-    if kind == "sentence":
-        return SentenceBoundary(vocabulary(tokenizer), cooldown, min_gap, max_interval)
-    if kind == "fixed":
-        return FixedPeriod(fixed_period)
+def make_boundary(cfg: SfiConfig, tokenizer: Any) -> Boundary:
+    """The recipe's detector (sfi.method.boundary): sentence, fixed or none."""
+    if cfg.boundary == "sentence":
+        return SentenceBoundary(vocabulary(tokenizer), cfg.cooldown, cfg.min_gap, cfg.max_interval,
+                                cfg.early_slow_step)
+    if cfg.boundary == "fixed":
+        return FixedPeriod(cfg.fixed_period)
     return NoBoundary()

@@ -1,0 +1,1 @@
+"""The tools built on the library: `sfi eval` (quality against dense)."""
