@@ -3,7 +3,7 @@
 # $OUT/session.log (the device tool brings back at most 8 files), and each stage's JSON to $OUT/NAME.json.
 # Usage: bench/gpu_session.sh STAGE:SECONDS [STAGE:SECONDS ...]; stages are defined below.
 set -u
-export PYTHONPATH=.:bench PYTHONUNBUFFERED=1
+export PYTHONPATH=.:bench:/root/site PYTHONUNBUFFERED=1
 log=$OUT/session.log
 
 run_stage() {
@@ -21,6 +21,25 @@ run_stage() {
     bench-short) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --json "$OUT/bench-short.json" ;;
     bench-b16) python3 -m sfi_cli.main bench --ctx 8k --batch 16 --new-tokens 256 --json "$OUT/bench-b16.json" ;;
     bench-long) python3 -m sfi_cli.main bench --ctx 128k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-long.json" ;;
+    # The SmolLM2 GGUF (98 MB) reaches the machine in two calls: `smol-part1` with .carry/a (the first half and
+    # the gguf wheel with what it imports), then `smol-join` with .carry/b (the second half) while it is warm.
+    smol-part1) cp -r .carry/a/smol.part1 .carry/a/smol.sha256 .carry/a/meta /root/ &&
+                python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site \
+                  .carry/a/*.whl && ls -la /root ;;
+    # The config and tokenizer come converted (.carry/a/meta); only the weights are converted there.
+    smol-join) cat /root/smol.part1 .carry/b/smol.part2 > /root/SmolLM2-135M-Instruct.gguf &&
+               (cd /root && sed 's#  .*#  SmolLM2-135M-Instruct.gguf#' smol.sha256 | sha256sum -c -) &&
+               mkdir -p /root/SmolLM2-135M-Instruct && cp /root/meta/* /root/SmolLM2-135M-Instruct/ &&
+               python3 -c 'from sfi.gguf import convert_weights
+convert_weights("/root/SmolLM2-135M-Instruct.gguf", "/root/SmolLM2-135M-Instruct/model.safetensors")' &&
+               ls -la /root/SmolLM2-135M-Instruct ;;
+    # sfi eval on the GPU (bf16): recipes from bench/eval-recipes.txt, tasks and lengths from $EVAL_TASKS and
+    # $EVAL_LENGTHS, 50 trials decoded as one batch.
+    eval) mapfile -t recipes < <(grep -v '^#' bench/eval-recipes.txt | grep .)
+          python3 -m sfi_cli.main eval -m /root/SmolLM2-135M-Instruct $(printf -- '-r %s ' "${recipes[@]}") \
+            --tasks "${EVAL_TASKS:-passkey,multikey,vartrack,preamble,nll,fidelity}" \
+            --lengths "${EVAL_LENGTHS:-2k,4k,7k}" --trials "${EVAL_TRIALS:-50}" --batch "${EVAL_BATCH:-50}" \
+            --json "$OUT/eval-${EVAL_NAME:-gpu}.json" ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }

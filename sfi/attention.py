@@ -29,13 +29,15 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
     memory, refresh = step.memory, step.refresh
     mem_k, mem_v = (memory.k[layer], memory.v[layer]) if memory is not None else (kc, vc)
-    rows, clen, start, span, max_keys = step.ranges
+    dense = layer < step.dense_layers
+    rows, clen, start, span, max_keys = step.dense_ranges if dense else step.ranges
+    split = step.dense_split if dense else step.split
     if refresh is not None:
         refresh.before_attention(layer)
     capture = refresh.capture(layer) if refresh is not None else None
     if q.is_cuda:
         out, lse = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
-                                           split=step.split, capture=capture)
+                                           split=split, capture=capture)
     else:  # the kernel's reference: the CPU runs the same step
         out, lse = ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
     if refresh is not None:
@@ -44,7 +46,8 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
         whole = (torch.zeros_like(clen), torch.zeros_like(start), (step.positions + 1).to(torch.int32))
         _, dense_lse = (ranged_decode_attention if q.is_cuda else ranged_decode_attention_ref)(
             q, kc, vc, kc, vc, rows, *whole, scale)
-        step.probe.record(layer, (clen > 0) | (start > 0), lse, dense_lse)  # fast rows
+        fast_rows = (step.ranges[1] > 0) | (step.ranges[2] > 0)  # rows whose step is fast in the other layers
+        step.probe.record(layer, fast_rows, lse, dense_lse)
     return out
 
 

@@ -60,12 +60,15 @@ class SfiConfig:
     span_block: int = 1
     # A slow step forced at this decode step (1 = the step after the prompt's first token); 0 = none.
     early_slow_step: int = 0
+    # The first `dense_layers` layers attend to the whole context on every step (ours; 0 = the spec).
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         _choice("sfi.mode", self.mode, ("sfi", "dense"))
         _choice("sfi.boundary", self.boundary, ("sentence", "fixed", "none"))
         _choice("sfi.selector", self.selector, ("sfi", "topk"))
-        for name in ("sink", "min_gap", "cooldown", "nms_radius", "span_successors", "early_slow_step"):
+        for name in ("sink", "min_gap", "cooldown", "nms_radius", "span_successors", "early_slow_step",
+                     "dense_layers"):
             _at_least(f"sfi.{name}", getattr(self, name), 0)
         for name in ("k_head", "recent"):
             if getattr(self, name) is not None:

@@ -182,7 +182,7 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
     step = 0
     active = [row for row, req in enumerate(requests) if not req.stopper.finished]
     decoder = StaticDecoder(model, cache, runtime.memory if runtime else None, cuda_graphs and probe is None,
-                            runtime.score_params if runtime else None)
+                            runtime.score_params if runtime else None, runtime.cfg.dense_layers if runtime else 0)
     while active:
         started = time.perf_counter()
         kinds, captures = runtime.kinds(active, lengths) if runtime is not None else (None, [])

@@ -95,6 +95,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def convert_weights(gguf_path: Path, out: Path) -> None:
+    """Only the float32 weights of `gguf_path`, as safetensors at `out` (for a machine that has the converted
+    config and tokenizer already and lacks what reads a GGUF tokenizer)."""
+    reader = _read(Path(gguf_path))
+    _write_safetensors(_plan(reader, _field(reader, "general.architecture"), Path(gguf_path)), Path(out),
+                       Path(gguf_path))
+
+
 def gguf_cache_dir(gguf_path: Path) -> Path:
     """Where `gguf_path` is converted to: keyed by resolved path, size and mtime, so an edited file converts anew."""
     path = Path(gguf_path).expanduser().resolve()

@@ -16,6 +16,7 @@ empty block each.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -45,16 +46,38 @@ class _Buffers:
         self.rows = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # rows, compact_len, span_start, span_len
+        self.dense_meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # the same for a whole-cache read
         self.refresh: dict[int, StepRefresh] = {}  # by key capacity
         # Host staging, copied in one transfer per step.
         self.host = torch.zeros(N_HOST, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied: torch.cuda.Event | None = None
 
-    def step(self, memory: SparseMemory | None, max_keys: int, split: int, refresh: StepRefresh | None,
-             probe=None) -> DecodeStep:
+    def step(self, memory: SparseMemory | None, shape: _Shape, refresh: StepRefresh | None, probe=None) -> DecodeStep:
         rows, clen, start, span = self.meta.unbind(0)
-        return DecodeStep(rows=self.rows, positions=self.positions, ranges=(rows, clen, start, span, max_keys),
-                          memory=memory, refresh=refresh, split=split, probe=probe)
+        dense = (*self.dense_meta.unbind(0), shape.dense_keys) if shape.dense_layers else None
+        return DecodeStep(rows=self.rows, positions=self.positions, ranges=(rows, clen, start, span, shape.max_keys),
+                          memory=memory, refresh=refresh, split=shape.split, probe=probe,
+                          dense_layers=shape.dense_layers, dense_ranges=dense, dense_split=shape.dense_split)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a step's graph is captured for: batch, the ranged kernel's key capacity and split, the slow-row count,
+    and the same capacity and split for the first `dense_layers` layers (which read every row's whole cache)."""
+
+    batch: int
+    max_keys: int
+    split: int
+    n_slow: int
+    dense_layers: int = 0
+    dense_keys: int = 0
+    dense_split: int = 0
+
+
+def _capacity(longest: int, batch_heads: int) -> tuple[int, int]:
+    """(key capacity, split) for a step whose longest row reads `longest` keys."""
+    split = default_split(longest, batch_heads)
+    return _bucket(-(-longest // split)) * split, split
 
 
 class StaticDecoder:
@@ -62,11 +85,12 @@ class StaticDecoder:
     and replayed."""
 
     def __init__(self, model: Transformer, cache: KVCache, memory: SparseMemory | None, graphs: bool,
-                 params: SelectorParams | None = None) -> None:
+                 params: SelectorParams | None = None, dense_layers: int = 0) -> None:
         self.model, self.cache, self.memory, self.params = model, cache, memory, params
+        self.dense_layers = min(dense_layers, model.args.n_layers) if memory is not None else 0
         self.graphs = graphs and model.device.type == "cuda"
         self._buffers: dict[int, _Buffers] = {}
-        self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[_Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captures = 0
         self.captured = False  # the last step captured a new graph (a one-time cost)
@@ -84,10 +108,10 @@ class StaticDecoder:
         if buf is None:
             buf = self._buffers[b] = _Buffers(self.model, b)
         span = [p + 1 - s for p, s in zip(positions, span_start, strict=True)]
-        longest = max(c + s for c, s in zip(compact_len, span, strict=True))
-        split = default_split(longest, b * self.cache.k.shape[2])
-        n_split = _bucket(-(-longest // split))
-        max_keys = n_split * split
+        heads = b * self.cache.k.shape[2]
+        max_keys, split = _capacity(max(c + s for c, s in zip(compact_len, span, strict=True)), heads)
+        dense_keys, dense_split = _capacity(max(positions) + 1, heads) if self.dense_layers else (0, 0)
+        shape = _Shape(b, max_keys, split, len(slow), self.dense_layers, dense_keys, dense_split)
         host = buf.host
         if buf.copied is not None:
             buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
@@ -107,6 +131,9 @@ class StaticDecoder:
         buf.rows.copy_(dev[1])
         buf.positions.copy_(dev[2])
         buf.meta.copy_(dev[3:7])
+        if self.dense_layers:
+            buf.dense_meta[0].copy_(dev[3])
+            buf.dense_meta[3].copy_(dev[2] + 1)
         refresh = None
         if slow:
             refresh = self._refresh(buf, b, max_keys)
@@ -115,12 +142,11 @@ class StaticDecoder:
             refresh = refresh.for_step(len(slow))
         if not self.graphs or probe is not None:
             self.captured = False
-            return self.model.decode(buf.tokens, self.cache, buf.step(self.memory, max_keys, split, refresh, probe))
-        key = (b, max_keys, split, len(slow))
-        self.captured = key not in self._graphs
+            return self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))
+        self.captured = shape not in self._graphs
         if self.captured:
-            self._graphs[key] = self._capture(buf, max_keys, split, refresh)
-        graph, logits = self._graphs[key]
+            self._graphs[shape] = self._capture(buf, shape, refresh)
+        graph, logits = self._graphs[shape]
         graph.replay()
         return logits
 
@@ -133,9 +159,9 @@ class StaticDecoder:
                                                 self.model.args.n_heads)
         return buf.refresh[capacity]
 
-    def _capture(self, buf: _Buffers, max_keys: int, split: int,
+    def _capture(self, buf: _Buffers, shape: _Shape,
                  refresh: StepRefresh | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        step = buf.step(self.memory, max_keys, split, refresh)
+        step = buf.step(self.memory, shape, refresh)
         # Warm up on a side stream (lazy initialisation, Triton compilation), as capture requires. The
         # warm-up writes the same cache positions the real step will write, with the same values.
         side = torch.cuda.Stream()

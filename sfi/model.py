@@ -136,6 +136,10 @@ class DecodeStep:
     refresh: Any = None  # the slow rows' in-step refresh (refresh.StepRefresh), if any
     split: int | None = None  # keys per split of the ranged kernel (None: its default for the step's shape)
     probe: Any = None  # eval's recall diagnostic (eval.RecallProbe): sees each layer's attention, if any
+    # The first `dense_layers` layers read every row's whole cache (SfiConfig.dense_layers): their own ranges.
+    dense_layers: int = 0
+    dense_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+    dense_split: int | None = None
 
     @classmethod
     def dense(cls, rows: torch.Tensor, positions: torch.Tensor) -> DecodeStep:

@@ -39,7 +39,7 @@ class RowStats:
     slow: int = 0
     fast: int = 0
     slow_steps: list[int] = field(default_factory=list)  # step numbers of slow steps (0 = prefill)
-    attended: int = 0  # KV positions read, summed over steps (per layer and head)
+    attended: float = 0  # KV positions read, summed over steps (averaged over layers)
     context: int = 0  # KV positions a dense step would have read
     fractions: list[float] = field(default_factory=list)
     slow_seconds: list[float] = field(default_factory=list)  # decode steps only
@@ -141,9 +141,13 @@ class SfiRuntime:
 
     def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float) -> None:
         """Account one finished step (before `lengths` advance)."""
+        layers, dense = self.cache.k.shape[0], min(self.cfg.dense_layers, self.cache.k.shape[0])
         for row, kind in zip(active, kinds, strict=True):
             s, length = self.stats[row], lengths[row] + 1
-            attended = length if kind != "fast" else self.compact_len[row] + length - self.recent_start[row]
+            attended = length
+            if kind == "fast":  # the memory and the recent span, but the whole cache in the dense layers
+                sparse = self.compact_len[row] + length - self.recent_start[row]
+                attended = (dense * length + (layers - dense) * sparse) / layers
             s.attended += attended
             s.context += length
             s.fractions.append(attended / length)
@@ -173,7 +177,7 @@ class SfiRuntime:
             "slow_steps": s.slow, "fast_steps": s.fast,
             "mean_interval": round(statistics.mean(gaps), 2) if gaps else None,
             "attended_fraction": round(statistics.mean(s.fractions), 4) if s.fractions else None,
-            "kv_bytes_read": s.attended * self.kv_bytes_per_token,
+            "kv_bytes_read": round(s.attended * self.kv_bytes_per_token),
             "kv_bytes_dense": s.context * self.kv_bytes_per_token,
             "estimated_speedup": estimate,
         }
