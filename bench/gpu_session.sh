@@ -33,10 +33,11 @@ run_stage() {
                python3 -c 'from sfi.gguf import convert_weights
 convert_weights("/root/SmolLM2-135M-Instruct.gguf", "/root/SmolLM2-135M-Instruct/model.safetensors")' &&
                ls -la /root/SmolLM2-135M-Instruct ;;
-    # sfi eval on the GPU (bf16): recipes from bench/eval-recipes.txt, tasks and lengths from $EVAL_TASKS and
-    # $EVAL_LENGTHS, 50 trials decoded as one batch.
-    eval) mapfile -t recipes < <(grep -v '^#' bench/eval-recipes.txt | grep .)
-          python3 -m sfi_cli.main eval -m /root/SmolLM2-135M-Instruct $(printf -- '-r %s ' "${recipes[@]}") \
+    # sfi eval on the GPU (bf16): recipes from $EVAL_RECIPES (a file, bench/eval-recipes.txt by default), tasks
+    # and lengths from $EVAL_TASKS and $EVAL_LENGTHS, 50 trials decoded as one batch.
+    eval) mapfile -t recipes < <(grep -v '^#' "${EVAL_RECIPES:-bench/eval-recipes.txt}" | grep .)
+          python3 -m sfi_cli.main eval -m "${EVAL_MODEL:-/root/SmolLM2-135M-Instruct}" \
+            $(printf -- '-r %s ' "${recipes[@]}") \
             --tasks "${EVAL_TASKS:-passkey,multikey,vartrack,preamble,nll,fidelity}" \
             --lengths "${EVAL_LENGTHS:-2k,4k,7k}" --trials "${EVAL_TRIALS:-50}" --batch "${EVAL_BATCH:-50}" \
             --json "$OUT/eval-${EVAL_NAME:-gpu}.json" ;;

@@ -166,8 +166,9 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
         boot = runtime.bootstrap(row, len(req.prompt_ids)) if runtime is not None else None
         if prefilled is not None:
             logits = prefilled[row].logits
-            for layer, z in enumerate(prefilled[row].window_logits if boot else []):
-                runtime.refresh(layer, row, z[:, -boot.batch_index:, boot.lo:boot.hi])
+            if boot:  # every layer's bootstrap selection in one pass
+                z = torch.stack(prefilled[row].window_logits)[:, :, -boot.batch_index:, boot.lo:boot.hi]
+                runtime.refresh(slice(None), row, z)
         else:
             ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
             logits = prefill_row(model, cache, row, ids, prefill_chunk, boot, runtime.refresh if runtime else None)

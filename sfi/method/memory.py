@@ -24,15 +24,12 @@ class SparseMemory:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def write(self, layer: int, row: int, cache: KVCache, lo: int, picks: torch.Tensor) -> int:
-        """Copy the sink rows and the picked rows (picks [Hkv, n], relative to `lo`) of cache row `row`.
-
-        Returns the compact length sink + n, the same for every head.
-        """
+    def write(self, layers: int | slice, row: int, cache: KVCache, lo: int, picks: torch.Tensor) -> int:
+        """Copy the sink rows and the picked rows (picks [Hkv, n] for one layer, [L', Hkv, n] for a slice of
+        layers; positions relative to `lo`) of cache row `row`. Returns the compact length sink + n."""
         n, sink = picks.shape[-1], self.sink
-        d = cache.k.shape[-1]
-        index = (picks + lo)[..., None].expand(-1, -1, d)  # [Hkv, n, D]
+        index = (picks + lo)[..., None].expand(*picks.shape, cache.k.shape[-1])  # [..., Hkv, n, D]
         for src, dst in ((cache.k, self.k), (cache.v, self.v)):
-            dst[layer, row, :, :sink] = src[layer, row, :, :sink]
-            dst[layer, row, :, sink:sink + n] = src[layer, row].gather(1, index)
+            dst[layers, row, :, :sink] = src[layers, row, :, :sink]
+            dst[layers, row, :, sink:sink + n] = src[layers, row].gather(-2, index)
         return sink + n

@@ -87,19 +87,20 @@ class SfiRuntime:
         self.has_memory[row] = True
         return Capture(0, row, lo, hi)
 
-    def refresh(self, layer: int, row: int, z: torch.Tensor) -> None:
-        """Select from captured logits z [Hq, R, N] (over the row's domain) and rewrite its compact memory."""
-        cache, memory = self.cache, self.memory
+    def refresh(self, layer: int | slice, row: int, z: torch.Tensor) -> None:
+        """Select from captured logits z [Hq, R, N] over the row's domain (or [L', Hq, R, N] for a slice of
+        layers, selected in one pass) and rewrite its compact memory."""
+        cache = self.cache
         hkv = cache.k.shape[2]
-        hq, r, n = z.shape
+        hq, r, n = z.shape[-3:]
         lo = self.cfg.sink
         if n == 0:  # nothing between the sink and the recent span yet
-            picks = torch.empty(hkv, 0, dtype=torch.long, device=z.device)
+            picks = torch.empty(*z.shape[:-3], hkv, 0, dtype=torch.long, device=z.device)
         else:
-            zg = z.reshape(hkv, (hq // hkv) * r, n)  # query heads h*G..h*G+G-1 share KV head h
-            norms = cache.k[layer, row, :, lo:lo + n].float().norm(dim=-1)  # [Hkv, N]
+            zg = z.reshape(*z.shape[:-3], hkv, (hq // hkv) * r, n)  # query heads h*G..h*G+G-1 share KV head h
+            norms = cache.k[layer, row, :, lo:lo + n].float().norm(dim=-1)  # [..., Hkv, N]
             picks = self.selector(zg, norms, self.cfg.k_head, self.params)
-        memory.write(layer, row, cache, lo, picks)
+        self.memory.write(layer, row, cache, lo, picks)
 
     def bootstrap(self, row: int, prompt_len: int) -> Capture | None:
         """After prefill: refresh from the last W prompt queries if the prompt exceeds the budget."""
