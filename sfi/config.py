@@ -1,7 +1,9 @@
 """Configuration: dataclasses with the defaults, layered as defaults -> recipe YAML -> `--set` -> CLI flags.
 
 YAML appears only here, at the edge. Every SFI constant of ../shared/sfi-spec.md lives in `SfiConfig`
-with the spec's value as its default; a recipe names only what it changes.
+with the spec's value as its default, except where our measurements depart from it (the budget derived from
+the model's context, span-preserving selection, soft NMS off; the `spec` recipe restores the paper's
+Selector); a recipe names only what it changes.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ class SfiConfig:
     excl_weight: float = 0.85
     use_power_mean: bool = True  # ablation switches for the Selector's stages (off: arithmetic mean)
     use_prior: bool = True
-    use_nms: bool = True
+    use_nms: bool = False  # the spec's soft NMS; off by our ablation (with span_successors it costs NLL)
     use_exclusivity: bool = True
     # Span-preserving selection (ours; 0 and 1 give the spec's Selector): each position scores at least as the
     # best of the `span_successors` positions before it, then as the best of its aligned block of `span_block`.
-    span_successors: int = 0
+    # 8 and 1 from the ablation (bench/results/2026-12-02-h200-eval-grid.json, README "sfi eval").
+    span_successors: int = 8
     span_block: int = 1
     # A slow step forced at this decode step (1 = the step after the prompt's first token); 0 = none.
     early_slow_step: int = 0

@@ -86,6 +86,12 @@ def test_max_interval_forces_a_slow_step(qwen):
     assert fires(det, v.ids("Hello", ".", " Next", *([" world"] * 6))) == [2, 7]
 
 
+def test_early_slow_step_fires_once_and_resets_the_interval(qwen):
+    v, _ = qwen
+    det = SentenceBoundary(vocabulary(v), cooldown=2, min_gap=0, max_interval=5, early_step=1)
+    assert fires(det, v.ids(*([" world"] * 12))) == [0, 5, 10]  # index 0 feeds step 1
+
+
 def test_fixed_period_and_disabled():
     assert fires(FixedPeriod(3), list(range(10))) == [2, 5, 8]
     assert fires(NoBoundary(), list(range(50))) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from sfi.method import selector as S
 
-P = S.SelectorParams()
+P = S.SPEC  # the spec's Selector; our defaults add span pooling and drop soft NMS
 
 
 def random_case(h=4, r=8, n=300, seed=0):
@@ -161,7 +162,7 @@ def test_stage_switches_change_the_scores():
     base = S.scores(z, norms, P)
     for switch in ("use_power_mean", "use_prior", "use_nms", "use_exclusivity", "span_successors", "span_block"):
         value = {"span_successors": 4, "span_block": 4}.get(switch, False)
-        other = S.scores(z, norms, S.SelectorParams(**{switch: value}))
+        other = S.scores(z, norms, dataclasses.replace(P, **{switch: value}))
         assert not torch.allclose(base, other), switch
 
 
@@ -173,9 +174,10 @@ def test_lam_max_single_row_is_used_for_one_row():
 
 
 def test_params_follow_the_recipe_config():
-    from sfi.config import SfiConfig
+    from sfi.config import SfiConfig, load_config
 
     assert S.SelectorParams.from_config(SfiConfig()) == S.SelectorParams()  # same defaults in both places
+    assert S.SelectorParams.from_config(load_config("spec").sfi) == S.SPEC  # the recipe that restores the paper's
     assert S.SelectorParams.from_config(SfiConfig(alpha=0.25, use_nms=False)).alpha == 0.25
 
 

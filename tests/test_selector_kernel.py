@@ -12,7 +12,7 @@ from sfi.method import selector as S
 from sfi_kernels import selector_scores, selector_scores_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DEFAULT = S.SelectorParams()
+DEFAULT = S.SPEC  # the spec's Selector; the ablations below add our stages to it
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -70,6 +70,7 @@ def test_matches_selector_on_awkward_shapes(case):
 
 ABLATIONS = {
     "all_on": {},
+    "ours": dataclasses.asdict(S.SelectorParams()),  # sfi's defaults
     "no_power_mean": dict(use_power_mean=False),
     "no_prior": dict(use_prior=False),
     "no_nms": dict(use_nms=False),

@@ -17,7 +17,7 @@ from sfi.method.boundary import FixedPeriod
 from sfi.method.memory import SparseMemory
 from sfi.method.refresh import StepRefresh, group_size
 from sfi.method.runtime import SfiRuntime
-from sfi.method.selector import SelectorParams, select
+from sfi.method.selector import SPEC, SelectorParams, select
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
 
@@ -26,7 +26,7 @@ import tiny
 SPAN = dict(span_successors=3, span_block=4)  # 3: the kernel's two-window path
 
 
-@pytest.mark.parametrize("params", [SelectorParams(), SelectorParams(**SPAN)], ids=["spec", "span"])
+@pytest.mark.parametrize("params", [SPEC, SelectorParams(), SelectorParams(**SPAN)], ids=["spec", "ours", "span"])
 def test_step_refresh_writes_what_the_selector_picks(params):
     """Six layers in three groups of two (the third group reuses the first's buffers), two slow rows with
     different domains: the compact memory holds the sink and exactly the rows `select` picks."""

@@ -33,6 +33,9 @@ from sfi_kernels.selector_scores import (  # noqa: F401  (the stages, re-exporte
 
 @dataclass(frozen=True)
 class SelectorParams:
+    """The Selector's constants; the defaults are SfiConfig's (ours: successors 8, soft NMS off). `SPEC` below
+    is the paper's Selector."""
+
     alpha: float = 0.5
     gamma: float = 0.5
     w_l2: float = 1.0
@@ -48,15 +51,18 @@ class SelectorParams:
     excl_weight: float = 0.85
     use_power_mean: bool = True
     use_prior: bool = True
-    use_nms: bool = True
+    use_nms: bool = False
     use_exclusivity: bool = True
-    span_successors: int = 0
+    span_successors: int = 8
     span_block: int = 1
 
     @classmethod
     def from_config(cls, cfg: object) -> SelectorParams:
         """The Selector's constants from an SfiConfig (which holds them, with the spec's defaults, for recipes)."""
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+SPEC = SelectorParams(use_nms=True, span_successors=0)
 
 
 def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
