@@ -39,6 +39,10 @@ def main() -> None:
                                              + topics["with"][:3000]}], "max_new_tokens": 96},
         {"id": "continue-raw", "prompt": "The three most useful built-in types in Python are", "max_new_tokens": 40,
          "stop": ["\n\n"]},
+        # About 4,300 tokens: long enough that SFI engages on the default model (its budget is about 900 tokens).
+        {"id": "long-doc-5k", "messages": [{"role": "user", "content": prose(17000, seed=3) + "\n\nWhich Python "
+                                            "features does the text above describe? Answer in three sentences."}],
+         "max_new_tokens": 128},
     ]
     for job in jobs:
         print(json.dumps(job, ensure_ascii=False))

@@ -1,19 +1,16 @@
 """Decode benchmarks: our runtime against `transformers.generate`, same model shape, same call.
 
-Library code; `python -m sfi.bench` runs it and prints JSON. Weight values do not change decode speed,
+Library code; `sfi bench` renders it (a table, `--json`, `--csv`, `--plot`). Weight values do not change decode speed,
 so presets build the architecture with seeded random weights (no download). Throughput counts decode
 steps only, once every row is decoding (prefill excluded), as ../shared/bench-protocol.md says.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import itertools
-import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -83,9 +80,17 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
-    """Bytes per second of a device-to-device copy, read plus write counted."""
+    """Bytes per second of a device-to-device copy (on a CPU, host memory to host memory), read plus write
+    counted: the bandwidth a memory-bound decode step is held to."""
     if device.type != "cuda":
-        return 0.0
+        a = torch.ones(int(gib * 2**30) // 8, dtype=torch.float32)  # a quarter of the GPU's size: host RAM is smaller
+        b = torch.empty_like(a)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            times.append(time.perf_counter() - t0)
+        return 2 * a.numel() * a.element_size() / statistics.median(times[1:])
     n = int(gib * 2**30) // 2
     a = torch.empty(n, dtype=torch.float16, device=device).normal_()
     b = torch.empty_like(a)
@@ -242,7 +247,10 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
         "cuda_graphs": cuda_graphs and device.type == "cuda", "runs": []}
     report["parity"] = check_parity(preset, device, dtype) if lm is None else None
     say = progress or (lambda text: None)
-    say(json.dumps({k: report[k] for k in ("device", "copy_bandwidth_GBps", "parity")}))
+    parity = report["parity"]
+    say(f"{report['device']}, copy bandwidth {bandwidth / 1e9:,.1f} GB/s" + (
+        f"; logits vs transformers: relative error {parity['rel_err']:.2e}, argmax agreement "
+        f"{parity['argmax_agreement']:.1%}" if parity else ""))
     for ctx in ctxs:
         if lm is not None and ctx + new_tokens > lm.max_context:
             for batch in batches:
@@ -258,7 +266,7 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
                 row["sfi"] = bench_ours(model, ctx, batch, new_tokens, sfi, cuda_graphs=cuda_graphs)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
-                say(json.dumps(row))
+                say(f"{ctx} x {batch}: out of memory")
                 report["runs"].append(row)
                 continue
             finally:
@@ -272,7 +280,8 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
                 for kind in ("dense", "sfi"):
                     row[kind]["pct_roofline"] = 100 * row[kind]["tok_s"] / row[kind]["roofline_tok_s"]
             row["sfi_over_dense"] = row["sfi"]["tok_s"] / row["dense"]["tok_s"]
-            say(json.dumps(row))
+            say(f"{ctx} x {batch}: SFI {row['sfi']['tok_s']:,.1f} tok/s, dense {row['dense']['tok_s']:,.1f} tok/s "
+                f"({row['sfi_over_dense']:.2f}x)")
             report["runs"].append(row)
         del model
         if hf:
@@ -298,29 +307,6 @@ def _bench_hf_rows(preset, ctx, rows, new_tokens, device, dtype, say, lm=None) -
             row["sfi_over_hf"] = row["sfi"]["tok_s"] / row["hf_generate"]["tok_s"]
         except torch.OutOfMemoryError:
             row["hf_generate"] = {"error": "out of memory"}
-        say(json.dumps(row))
+        rate = row["hf_generate"].get("tok_s")
+        say(f"{ctx} x {row['batch']}: transformers.generate " + (f"{rate:,.1f} tok/s" if rate else "out of memory"))
     del hf
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--preset", default="qwen3-4b", choices=sorted(PRESETS))
-    ap.add_argument("--ctx", type=int, nargs="+", default=[8192])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    report = run_bench(a.preset, a.ctx, a.batch, a.new_tokens, SfiConfig(), hf=not a.no_hf, cuda_graphs=not a.no_graphs,
-                       progress=lambda text: print(text, file=sys.stderr, flush=True))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -139,6 +139,7 @@ class GenerationConfig:
     """Defaults for jobs that do not set their own."""
 
     max_new_tokens: int = 256
+    max_new_tokens_cap: int = 0  # an upper bound for every job, its own max_new_tokens included; 0 = none
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -147,6 +148,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         _at_least("generation.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("generation.max_new_tokens_cap", self.max_new_tokens_cap, 0)
         _at_least("generation.top_k", self.top_k, 0)
         if self.temperature < 0:
             raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")

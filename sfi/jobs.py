@@ -135,9 +135,10 @@ def _decode(raw: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise _Bad(None, f"not valid UTF-8 at byte {e.start + 1}") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        # Without its line end: an unterminated string is then reported where it starts, not at the newline.
+        obj = json.loads(text.rstrip("\r\n"), parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
-        raise _Bad(None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        raise _Bad(None, f"malformed JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from None
     if not isinstance(obj, dict):
         raise _Bad(None, f"a job line must be a JSON object, got {_json_type(obj)}")
     return obj

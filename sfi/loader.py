@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -93,8 +94,11 @@ def resolve_model_dir(spec: str | None, progress: Callable[[str], None] | None =
         if not (path / "config.json").is_file():
             raise ModelError(f"model directory {spec} has no config.json")
         return spec, path
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelError(f"model {spec!r} is neither a directory with config.json, a .gguf file, nor a repo id")
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ModelError(f"model path {spec} does not exist")
+    if path.exists() or spec.count("/") != 1:
+        raise ModelError(f"model {spec!r} is neither a directory with config.json, a .gguf file, nor a repo id "
+                         "(org/name) in the local Hugging Face cache")
     return spec, _hub_snapshot(spec)
 
 
@@ -130,7 +134,14 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from state.items()
     except ModelError:
         raise
-    except Exception as e:  # safetensors, pickle and OS errors all mean the same thing to the user
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a truncated pickle is an UnpicklingError too
+            raise ModelError(f"weight file {path} is corrupt or truncated: {e}") from None
+        # weights_only refused an object that would run code; torch's message suggests turning that check off,
+        # which is exactly what a batch tool must not tell its users.
+        raise ModelError(f"weight file {path} refused: this file would run code when loaded (sfi reads pickled "
+                         "weights with weights_only=True); convert it to safetensors where you trust it") from None
+    except Exception as e:  # safetensors and OS errors mean the same thing to the user
         raise ModelError(f"weight file {path} is corrupt or truncated: {e}") from None
 
 

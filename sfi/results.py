@@ -3,8 +3,10 @@ writes).
 
 The writer is built for unattended runs that may be killed at any moment: one exclusive lock per output, each line
 appended with a single unbuffered `os.write`, and on resume a torn last line or failed results are dropped by an
-atomic rewrite, so a retried job ends with exactly one line. This module does not decide what to retry (the
-caller skips `finished_ids`) and does not compute timings; it only records them.
+atomic rewrite, so a retried job ends with exactly one line. Resume, locking and fsync apply to regular files
+only: `-`, `/dev/stdout`, `/dev/null`, a pipe or any other non-regular path is written as a stream. A regular
+output file is created with the first line, so a run that fails before any result leaves no empty file. This
+module does not decide what to retry (the caller skips `finished_ids`) and does not compute timings.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -110,60 +113,75 @@ class ResultWriter:
     """The only writer of the output. Use as a context manager: entering locks the file and resumes it.
 
     `finished_ids` (filled on enter) holds the ids that already succeeded in an existing output; the caller skips
-    them. Path None or "-" writes to standard output, with no lock and no resume.
+    them. Path None or "-" writes to standard output; any path that is not a regular file is a stream (no lock,
+    no resume, no fsync).
     """
 
     def __init__(self, path: str | None, fmt: str = "sfi", overwrite: bool = False) -> None:
         if fmt not in FORMATS:
             raise ConfigError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.path = None if path in (None, "-") else path
+        self.stream = self.path is None or is_stream(self.path)
         self.fmt = fmt
         self.overwrite = overwrite
         self.finished_ids: set[str] = set()
         self._record = _RECORDS[fmt]
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        self._flags = os.O_WRONLY | os.O_APPEND
+        self._entered = False
+
+    @property
+    def name(self) -> str:
+        return self.path or "standard output"
 
     def __enter__(self) -> ResultWriter:
-        if self.path is None:
+        self._entered = True
+        if self.stream:
             return self
         try:
             _make_parent(self.path)
             self._lock_fd = _take_lock(self.path)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            self._flags |= os.O_CREAT
             if self.overwrite:
-                flags |= os.O_TRUNC
+                self._flags |= os.O_TRUNC
             else:
                 self.finished_ids = _resume(self.path, self.fmt)
-            self._fd = _open(self.path, flags)
         except BaseException:
             self._close()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._entered = False
         self._close()
 
     def write(self, result: JobResult) -> None:
         """Append one result; once this returns its line is complete in the file."""
-        line = _dump(self._record(result))
-        if self.path is None:
-            sys.stdout.write(line.decode("utf-8"))
-            sys.stdout.flush()
-            return
-        if self._fd is None:
+        if not self._entered:
             raise RuntimeError("ResultWriter.write called outside its `with` block")
-        view = memoryview(line)
+        line = _dump(self._record(result))
+        std = _std_stream(self.path)
         try:
+            if std is not None:  # through Python's own stream, so that whoever captures it sees the lines
+                std.buffer.write(line)
+                std.flush()
+                return
+            if self._fd is None:
+                self._fd = _open(self.path, self._flags)
+            view = memoryview(line)
             while view:  # os.write may write less than asked (full disk, signals); finish the line
                 view = view[os.write(self._fd, view) :]
+        except BrokenPipeError:
+            raise
         except OSError as e:
-            raise OutputError(f"cannot write to {self.path}: {e.strerror or e}") from None
+            raise OutputError(f"cannot write to {self.name}: {e.strerror or e}") from None
 
     def _close(self) -> None:
         if self._fd is not None:
             try:
-                os.fsync(self._fd)  # the lines survive a kill already; this makes them survive a power cut
+                if not self.stream:
+                    os.fsync(self._fd)  # the lines survive a kill already; this makes them survive a power cut
             finally:
                 os.close(self._fd)
                 self._fd = None
@@ -176,6 +194,93 @@ class ResultWriter:
             finally:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+_STD_PATHS = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1, "/dev/stderr": 2, "/dev/fd/2": 2,
+              "/proc/self/fd/2": 2}
+
+
+def _std_fd(path: str | None) -> int | None:
+    """The descriptor a path names directly (None and "-": standard output), or None for any other path."""
+    return 1 if path in (None, "-") else _STD_PATHS.get(path)
+
+
+def _std_stream(path: str | None):
+    """sys.stdout or sys.stderr for the paths that name them, else None."""
+    return {1: sys.stdout, 2: sys.stderr}.get(_std_fd(path))
+
+
+def is_stream(path: str) -> bool:
+    """True for paths written as a stream: `-`, the process's own descriptors, and anything that exists and is
+    not a regular file (character devices such as /dev/null, pipes, sockets)."""
+    if path == "-" or path in _STD_PATHS or path.startswith(("/dev/fd/", "/proc/self/fd/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise OutputError(f"cannot use {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{path} is a directory; name a file to write")
+    return not stat.S_ISREG(mode)
+
+
+def check_writable(path: str | None) -> None:
+    """Raise OutputError unless `path` can be written: run before the model loads, so a typo costs a second,
+    not a whole run. A regular file's directory is created if missing and checked by creating a file in it."""
+    if path in (None, "-") or _std_fd(path) is not None:
+        return
+    if is_stream(path):
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"cannot write to {path}: permission denied")
+        return
+    _make_parent(path)
+    try:
+        if os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        else:
+            fd, probe = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".sfi-probe-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write to {path}: {e.strerror or e}") from None
+
+
+def _file_mode() -> int:
+    """What open(2) would give a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_whole(path: str, data: bytes) -> None:
+    """Write a whole file (a report, a JSON result): to a stream as is; a regular file atomically, with the mode
+    a new file gets (umask respected), so a kill leaves either the old file or the new one."""
+    std = _std_stream(path)
+    if std is not None:
+        std.buffer.write(data)
+        std.flush()
+        return
+    if is_stream(path):
+        target = _open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(target, view) :]
+        except OSError as e:
+            raise OutputError(f"cannot write to {path}: {e.strerror or e}") from None
+        finally:
+            os.close(target)
+        return
+    _make_parent(path)
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mode = _file_mode()
+    except OSError as e:
+        raise OutputError(f"cannot write to {path}: {e.strerror or e}") from None
+    _atomic_write(path, data, mode)
 
 
 def _dump(record: dict) -> bytes:
@@ -202,7 +307,7 @@ def _make_parent(path: str) -> None:
 
 def _open(path: str, flags: int) -> int:
     try:
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, 0o666)  # less the umask, as for any new file
     except OSError as e:
         raise OutputError(f"cannot open {path}: {e.strerror or e}") from None
 
@@ -301,16 +406,24 @@ def _succeeded(record: dict, fmt: str) -> bool:
 
 
 def _replace(path: str, data: bytes) -> None:
-    """Atomically replace `path` with `data`: a kill at any moment leaves either the old or the new file."""
-    directory = os.path.dirname(path) or "."
+    """Atomically replace `path` with `data`, keeping the permissions the user's file had."""
     try:
         mode = os.stat(path).st_mode & 0o777
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as e:
         raise OutputError(f"cannot rewrite {path}: {e.strerror or e}") from None
+    _atomic_write(path, data, mode)
+
+
+def _atomic_write(path: str, data: bytes, mode: int) -> None:
+    """`path` holds `data` afterwards (with `mode`); a kill at any moment leaves either the old or the new file."""
+    directory = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         try:
-            os.fchmod(fd, mode)  # mkstemp makes 0600; keep the permissions the user's file had
+            os.fchmod(fd, mode)  # mkstemp makes 0600
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -321,7 +434,7 @@ def _replace(path: str, data: bytes) -> None:
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise OutputError(f"cannot rewrite {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -5,7 +5,9 @@ Exit codes: 0 every job succeeded; 1 usage or configuration error; 2 some jobs f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +26,8 @@ try:  # typer >= 0.2x vendors click; its usage errors derive from TyperException
 except ImportError:  # older typer runs on click itself
     from click import ClickException as UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode None: help texts are shown as written ("[default: 256]", "sfi[plot]" are not markup).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Batch long-context LLM decoding with Slow-Fast Inference.")
 
 
@@ -40,6 +43,8 @@ def run_command(
     set_: Set = None,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Default for jobs without their own "
                               "[default: 256].", show_default=False)] = None,
+    max_new_tokens_cap: Annotated[int | None, typer.Option(min=1, help="Upper bound for every job, its own "
+                                  "max_new_tokens included [default: none].", show_default=False)] = None,
     temperature: Annotated[float | None, typer.Option(min=0.0, help="Default sampling temperature; 0 = greedy "
                            "[default: 0].", show_default=False)] = None,
     top_p: Annotated[float | None, typer.Option(help="Default nucleus mass [default: 1].", show_default=False)] = None,
@@ -62,11 +67,15 @@ def run_command(
 ) -> None:
     """Decode every job of a JSONL file and write one result line per job."""
     from sfi.engine import Runner, RunOptions
+    from sfi.results import check_writable
+
+    check_writable(str(report) if report is not None else None)  # before the run, not after every job
 
     overrides = list(set_ or [])
     overrides += [f"decode.{k}={v}" for k, v in (("device", device), ("dtype", dtype)) if v is not None]
     config = with_generation(load_config(recipe, overrides), max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) if stop else None)
+                             top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) if stop else None,
+                             max_new_tokens_cap=max_new_tokens_cap)
     reporter = Reporter(quiet)
     opts = RunOptions(jobs=jobs, output=output, output_format=output_format.value, model=model, config=config,
                       strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite,
@@ -102,10 +111,12 @@ def eval_command(
 ) -> None:
     """Measure recipes side by side on generated long-context tasks (offline, seeded)."""
     from sfi.loader import load_model
+    from sfi.results import check_writable
     from sfi.tools.eval import TASKS, compare_to_dense, evaluate, parse_lengths
 
     from .render import eval_table, write_json
 
+    check_writable(str(json_out) if json_out is not None else None)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in task_list if t not in TASKS]
     if unknown:
@@ -175,6 +186,10 @@ def bench_command(
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise typer.BadParameter(f"{batch!r}: use a comma-separated list like 1,4", param_hint="--batch") from None
+    from sfi.results import check_writable
+
+    for path in (json_out, csv_out, plot):
+        check_writable(str(path) if path is not None else None)
     reporter = Reporter(quiet)
     config = load_config(recipe, list(set_ or []))
     if model is not None and random_weights:
@@ -215,9 +230,10 @@ def plot_command(
 @app.command("recipes")
 def recipes_command() -> None:
     """List the shipped recipes."""
-    for name in available_recipes():
-        config = load_config(name)
-        typer.echo(f"{name:10s} {config.description}")
+    names = available_recipes()
+    width = max(map(len, names), default=0)
+    for name in names:
+        typer.echo(f"{name:<{width}}  {load_config(name).description}")
     typer.echo(f"(in {recipes_dir()})")
 
 
@@ -243,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     except SfiError as e:
         print(f"sfi: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader of our output went away (`sfi run ... | head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # an I/O error is a message with the path, never a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sfi: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     return code if isinstance(code, int) else 0
 
 

@@ -7,20 +7,22 @@ With --quiet: nothing (errors are printed by main, not here).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sfi.engine import RunSummary
-from sfi.jobs import JobProblem
-from sfi.results import JobResult
+from sfi.results import write_whole
+
+if TYPE_CHECKING:  # the engine imports torch: `sfi --help` must not
+    from sfi.engine import RunSummary
+    from sfi.jobs import JobProblem
+    from sfi.results import JobResult
 
 
 class Reporter:
@@ -88,7 +90,7 @@ class Reporter:
                      + (f", {s.invalid_lines} bad line(s)" if s.invalid_lines else "")),
             ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
             ("decode", f"{s.decode_tok_s:,.1f} tok/s over {s.decode_s:.1f}s"),
-            ("sfi", _sfi_line(s)),
+            ("steps", _sfi_line(s)),
             *([("budget", s.budget)] if s.budget else []),
             ("elapsed", f"{s.elapsed_s:.1f}s" + ("  (interrupted)" if s.interrupted else "")),
         ]
@@ -97,8 +99,8 @@ class Reporter:
             for key, value in rows:
                 table.add_row(key, value)
             self.console.print(table)
-        else:
-            for key, value in rows:
+        else:  # the model was named when it loaded; one line each, prefixed once
+            for key, value in rows[1:]:
                 print(f"sfi: {key}: {value}", file=self.console.file, flush=True)
 
 
@@ -106,15 +108,16 @@ def _sfi_line(s: RunSummary) -> str:
     steps = s.slow_steps + s.fast_steps
     if not steps:
         return "-"
-    line = (f"{s.slow_steps:,} slow / {s.fast_steps:,} fast steps; KV read "
-            f"{s.kv_bytes_read / max(s.kv_bytes_dense, 1):.1%} of dense")
+    read = s.kv_bytes_read / max(s.kv_bytes_dense, 1)
+    line = (f"{s.slow_steps:,} slow / {s.fast_steps:,} fast steps; SFI engaged on {s.sparse_jobs} of "
+            f"{s.succeeded} job(s) (the others fit the budget); KV read {read:.1%} of dense")
     speedups = [c["speedup"] for c in s.compared if c.get("speedup")]
     if s.compared:
         same = sum(c["identical"] for c in s.compared)
         agree = sum(c["token_agreement"] for c in s.compared) / len(s.compared)
         line += f"; vs dense: {same}/{len(s.compared)} identical, agreement {agree:.1%}"
         if speedups:
-            line += f", decode speedup {statistics.median(speedups):.2f}x (median)"
+            line += f", decode speedup {statistics.median(speedups):.2f}x (median of the {len(speedups)} engaged)"
     return line
 
 
@@ -207,14 +210,9 @@ def append_csv(path: Path, result: dict) -> None:
                 "copy_bandwidth_GBps": round(result["copy_bandwidth_GBps"], 1)})
 
 
-def write_json(path: Path, data: dict) -> None:
-    """A JSON file, written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: Path | str, data: dict) -> None:
+    """A JSON file, written whole or not at all (a stream such as - or /dev/stdout as is)."""
+    write_whole(str(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_report(path: Path, summary: RunSummary) -> None:

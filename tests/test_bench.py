@@ -26,7 +26,11 @@ def test_bench_tiny_preset_writes_json_and_csv(tmp_path, capsys):
     assert main(argv) == 0  # a second run appends
     lines = list(csv.DictReader(table.open()))
     assert len(lines) == 4 and {line["batch"] for line in lines} == {"1", "2"}
-    assert "sfi bench" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sfi bench" in err and result["copy_bandwidth_GBps"] > 0  # host memory bandwidth on a CPU
+    assert not any(line.lstrip().startswith("{") for line in err.splitlines())  # JSON only in --json
+    assert "300 x 1: SFI" in err and "300 x 1: transformers.generate" in err and "GB/s" in err
+    assert all(r["sfi"]["pct_roofline"] > 0 for r in runs.values())
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # saved results plot later, merged
     assert main(["plot", str(out), str(out), "-o", str(tmp_path / "again.png")]) == 0

@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 
+import sfi.decoder
 import sfi.engine
+import sfi.loader
 from sfi.config import derived_budget
 from sfi.model import Transformer
 from sfi.results import ResultWriter
@@ -87,7 +89,7 @@ def test_strict_aborts_before_loading_the_model(ckpt, tmp_path, monkeypatch, cap
     def no_load(*a, **k):
         raise AssertionError("model loaded despite --strict")
 
-    monkeypatch.setattr(sfi.engine, "load_model", no_load)
+    monkeypatch.setattr(sfi.loader, "load_model", no_load)
     assert main(["run", jobs, "-m", ckpt, "-o", str(tmp_path / "o.jsonl"), "--strict"]) == 1
     assert "jobs.jsonl:2: field 'prompt'" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
@@ -146,13 +148,13 @@ def test_interrupt_then_resume_redoes_nothing_finished(ckpt, tmp_path, monkeypat
         f.write('{"id": "p2", "text": "half')
 
     decoded: list[int] = []
-    real_generate = sfi.engine.generate
+    real_generate = sfi.decoder.generate
 
     def counting_generate(model, requests, *a, **k):
         decoded.append(len(requests))
         yield from real_generate(model, requests, *a, **k)
 
-    monkeypatch.setattr(sfi.engine, "generate", counting_generate)
+    monkeypatch.setattr(sfi.decoder, "generate", counting_generate)
     report = tmp_path / "r.json"
     assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--set", "decode.max_batch_size=1",
                  "--report", str(report)]) == 0
@@ -277,3 +279,105 @@ def test_sfi_reports_and_compare_dense(ckpt, tmp_path):
     assert main(["run", jobs, "-m", ckpt, "-o", str(dense_out), "-r", "dense", "-q"]) == 0
     for r in read_out(dense_out):
         assert r["sfi"]["fast_steps"] == 0 and r["sfi"]["attended_fraction"] == 1.0
+
+
+def _sfi(*argv, **kw):
+    """`sfi` in a fresh interpreter, as a shell user runs it (real pipes and devices, no captured streams)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "sfi_cli.main", *argv], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_every_output_path_a_shell_user_types(ckpt, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:2])
+    piped = _sfi("run", jobs, "-m", ckpt, "-o", "/dev/stdout", "-q")  # stdout is a pipe here
+    assert piped.returncode == 0, piped.stderr
+    assert sorted(json.loads(line)["id"] for line in piped.stdout.splitlines()) == ["p1", "p2"]
+    null = _sfi("run", jobs, "-m", ckpt, "-o", "/dev/null", "-q")
+    assert null.returncode == 0 and null.stderr == "" and not (tmp_path / "null.lock").exists()
+    full = _sfi("run", jobs, "-m", ckpt, "-o", "/dev/full", "-q")
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    assert full.stderr.strip() == "sfi: error: cannot write to /dev/full: No space left on device"
+
+
+def test_unwritable_report_fails_before_the_model_loads(ckpt, tmp_path, monkeypatch, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1])
+
+    def no_load(*a, **k):
+        raise AssertionError("model loaded before the report path was checked")
+
+    monkeypatch.setattr(sfi.loader, "load_model", no_load)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "--report", str(tmp_path / "file" / "r.json")]) == 1
+    assert "cannot" in capsys.readouterr().err and not out.exists()
+
+
+def test_failed_model_load_leaves_no_output(tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1])
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", str(tmp_path / "no-such-model"), "-o", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_help_validation_and_a_refused_lock_do_not_import_torch(ckpt, tmp_path):
+    """`--help`, `sfi recipes`, `--strict` refusing bad lines and a refused lock answer without torch."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1], ['{"id": "x"}'])
+    out = tmp_path / "out.jsonl"
+    probe = ("import sys; from sfi_cli.main import main; code = main(sys.argv[1:]); "
+             "print('torch' in sys.modules, code, file=sys.stderr)")
+    cases = [["--help"], ["run", "--help"], ["recipes"], ["run", jobs, "-m", ckpt, "-o", str(out), "--strict"],
+             ["run", write_jobs(tmp_path / "ok.jsonl", JOBS[:1]), "-m", ckpt, "-o", str(out)]]
+    import subprocess
+
+    with ResultWriter(str(out)):  # holds the lock: the last case is refused
+        for argv in cases:
+            r = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+            assert r.stderr.strip().splitlines()[-1] in ("False 0", "False 1"), (argv, r.stderr)
+
+
+def test_help_shows_bracketed_text(capsys):
+    assert main(["run", "--help"]) == 0
+    assert "[default: 256]" in " ".join(capsys.readouterr().out.split())
+    assert main(["bench", "--help"]) == 0
+    assert "sfi[plot]" in capsys.readouterr().out
+
+
+def test_plain_log_lines_are_prefixed_once_and_name_the_model_once(ckpt, tmp_path, capsys):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:2])
+    assert main(["run", jobs, "-m", ckpt, "-o", str(tmp_path / "out.jsonl")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("sfi: ") and not line.startswith("sfi: sfi") for line in err)
+    assert sum(line.startswith("sfi: model") for line in err) == 1
+    assert any(line.startswith("sfi: budget: sink 4, k_head 64, recent 32 (derived from") for line in err)
+
+
+def test_recipes_are_listed_in_aligned_columns(capsys):
+    assert main(["recipes"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("(")]
+    names = [line.split()[0] for line in lines]
+    starts = {len(line) - len(line[len(name):].lstrip()) for line, name in zip(lines, names, strict=True)}
+    assert "smol-streaming" in names and len(starts) == 1
+
+
+def test_max_new_tokens_cap_bounds_every_job(ckpt, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)  # their own max_new_tokens are 6 to 9
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--max-new-tokens-cap", "3"]) == 0
+    assert all(1 <= r["completion_tokens"] <= 3 for r in read_out(out))
+
+
+def test_a_job_within_the_budget_says_so_and_gets_no_speedup(ckpt, tmp_path):
+    """The default budget on this 512-token model is 4 + 64 + 32: a short job never engages SFI."""
+    long_job = {"id": "long", "prompt": tiny.TEXT * 2, "max_new_tokens": 20}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [JOBS[0], long_job])
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--compare", "dense"]) == 0
+    got = by_id(read_out(out))
+    short, engaged = got["p1"], got["long"]
+    assert short["sfi"]["sparse"] is False and "context within budget" in short["sfi"]["reason"]
+    assert short["sfi"]["estimated_speedup"] is None and short["compare_dense"]["speedup"] is None
+    assert engaged["sfi"]["sparse"] is True and engaged["sfi"]["attended_fraction"] < 1
+    assert engaged["compare_dense"]["speedup"] > 0

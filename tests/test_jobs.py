@@ -83,8 +83,14 @@ def test_crlf_and_bom():
 def test_malformed_json():
     problem = _one_problem(b'{"id": "x" "prompt": "p"}\n')
     assert problem.field is None and problem.job_id is None
-    assert problem.reason.startswith("malformed JSON:") and "column 12" in problem.reason
-    assert str(problem).startswith("jobs.jsonl:2: malformed JSON: ")
+    assert problem.reason == "malformed JSON at column 12: Expecting ',' delimiter"
+    assert str(problem).startswith("jobs.jsonl:2: malformed JSON at column 12")
+
+
+def test_unterminated_string_is_reported_where_it_starts():
+    """Not at the line's newline ("Invalid control character" at the last column)."""
+    problem = _one_problem(b'{"id": "x", "prompt": "never closed}\r\n')
+    assert problem.reason == "malformed JSON at column 23: Unterminated string starting"
 
 
 def test_nan_is_not_json():

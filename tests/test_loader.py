@@ -63,7 +63,11 @@ def test_pickle_with_code_is_refused(qwen2_dir, tmp_path):
     folder.mkdir()
     torch.save({"x": Evil()}, folder / "pytorch_model.bin")
     (folder / "config.json").write_bytes((qwen2_dir / "config.json").read_bytes())
-    with pytest.raises(ModelError, match="pytorch_model.bin"):
+    with pytest.raises(ModelError, match="pytorch_model.bin refused: this file would run code") as err:
+        load_model(str(folder), device="cpu")
+    assert "weights_only=False" not in str(err.value)  # torch's hint to turn the check off is not passed on
+    (folder / "pytorch_model.bin").write_bytes((folder / "pytorch_model.bin").read_bytes()[:100])
+    with pytest.raises(ModelError, match="pytorch_model.bin is corrupt or truncated"):
         load_model(str(folder), device="cpu")
 
 
@@ -108,9 +112,12 @@ def test_repo_id_not_in_cache_fails_fast_with_instructions(tmp_path, monkeypatch
         resolve_model_dir("Qwen/Qwen3-4B")
 
 
-def test_nonexistent_path_is_not_mistaken_for_a_repo_id():
-    with pytest.raises(ModelError, match="neither a directory"):
-        resolve_model_dir("./no/such/model")
+def test_nonexistent_path_is_not_mistaken_for_a_repo_id(tmp_path):
+    for spec in ("./no/such/model", str(tmp_path / "missing"), "~/no-such-model-dir"):
+        with pytest.raises(ModelError, match=f"model path {spec} does not exist"):
+            resolve_model_dir(spec)
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model_dir(str(tmp_path))  # it exists: what it lacks is said
 
 
 def test_repo_id_resolves_from_a_populated_hf_cache(qwen2_dir, tmp_path, monkeypatch):

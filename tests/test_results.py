@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sfi.errors import ConfigError, OutputError
-from sfi.results import JobResult, ResultWriter, openai_record, sfi_record
+from sfi.results import JobResult, ResultWriter, check_writable, is_stream, openai_record, sfi_record, write_whole
 
 
 def _ok(job_id: str, **kw: object) -> JobResult:
@@ -306,3 +306,65 @@ def test_line_is_utf8_and_unicode_safe(tmp_path):
 def test_nan_timing_is_refused(tmp_path):
     with ResultWriter(str(tmp_path / "o.jsonl")) as w, pytest.raises(ValueError):
         w.write(_ok("a", decode_s=float("nan")))
+
+
+def test_output_is_created_with_the_first_line_only(tmp_path):
+    """A run that fails before any result (a model that will not load) leaves no empty output behind."""
+    out = tmp_path / "sub" / "out.jsonl"
+    with ResultWriter(str(out)):
+        assert (tmp_path / "sub" / "out.jsonl.lock").exists()
+    assert not out.exists() and not (tmp_path / "sub" / "out.jsonl.lock").exists()
+    with ResultWriter(str(out)) as w:
+        w.write(_ok("a"))
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a"]
+
+
+def test_devices_are_streams_without_lock_or_resume(tmp_path):
+    """/dev/null is written (no /dev/null.lock, nothing read back); /dev/full fails with a message, not a hang."""
+    assert is_stream("/dev/null") and is_stream("-") and is_stream("/dev/stdout")
+    assert not is_stream(str(tmp_path / "new.jsonl"))
+    with pytest.raises(OutputError, match="is a directory"):
+        is_stream(str(tmp_path))
+    with ResultWriter("/dev/null") as w:
+        assert w.finished_ids == set()
+        w.write(_ok("a"))
+    assert not os.path.exists("/dev/null.lock")
+    with pytest.raises(OutputError, match="cannot write to /dev/full: No space left on device"), \
+            ResultWriter("/dev/full") as w:
+        w.write(_ok("a"))
+
+
+def test_fifo_is_streamed(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen([sys.executable, "-c", f"print(open({str(fifo)!r}).read(), end='')"],
+                              stdout=subprocess.PIPE, text=True)
+    with ResultWriter(str(fifo)) as w:
+        w.write(_ok("a"))
+        w.write(_failed("b"))
+    out, _ = reader.communicate(timeout=30)
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["a", "b"]
+    assert not (tmp_path / "pipe.lock").exists()
+
+
+def test_whole_files_respect_the_umask_like_results(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_whole(str(tmp_path / "report.json"), b"{}\n")
+        with ResultWriter(str(tmp_path / "out.jsonl")) as w:
+            w.write(_ok("a"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o640
+
+
+def test_check_writable(tmp_path):
+    check_writable(str(tmp_path / "new" / "report.json"))  # creates the folder, leaves no file
+    assert list((tmp_path / "new").iterdir()) == []
+    check_writable("/dev/null")
+    check_writable("-")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="file/report.json"):
+        check_writable(str(blocker / "report.json"))

@@ -44,6 +44,8 @@ class RowStats:
     fractions: list[float] = field(default_factory=list)
     slow_seconds: list[float] = field(default_factory=list)  # decode steps only
     all_seconds: float = 0.0
+    sparse: int = 0  # fast steps that read less than the whole context
+    longest: int = 0  # the largest context a step of the row saw
 
 
 class SfiRuntime:
@@ -104,6 +106,7 @@ class SfiRuntime:
 
     def bootstrap(self, row: int, prompt_len: int) -> Capture | None:
         """After prefill: refresh from the last W prompt queries if the prompt exceeds the budget."""
+        self.stats[row].longest = prompt_len
         self.stats[row].slow += 1
         self.stats[row].slow_steps.append(0)
         self.stats[row].attended += prompt_len
@@ -151,6 +154,8 @@ class SfiRuntime:
                 attended = (dense * length + (layers - dense) * sparse) / layers
             s.attended += attended
             s.context += length
+            s.longest = max(s.longest, length)
+            s.sparse += kind == "fast"
             s.fractions.append(attended / length)
             s.all_seconds += seconds
             if kind == "slow":
@@ -174,11 +179,15 @@ class SfiRuntime:
             # A slow step is a dense step plus a refresh, so its time prices (a little above) the dense
             # alternative; the row's measured decode time is the SFI side.
             estimate = round(decode_steps * statistics.median(s.slow_seconds) / s.all_seconds, 3)
-        return {
+        sparse = s.sparse > 0
+        out = {"sparse": sparse} if sparse else {
+            "sparse": False, "reason": f"context within budget ({s.longest:,} tokens <= sink + k_head + recent = "
+                                       f"{self.budget:,}): every step attended to everything, as dense"}
+        return out | {
             "slow_steps": s.slow, "fast_steps": s.fast,
             "mean_interval": round(statistics.mean(gaps), 2) if gaps else None,
             "attended_fraction": round(statistics.mean(s.fractions), 4) if s.fractions else None,
             "kv_bytes_read": round(s.attended * self.kv_bytes_per_token),
             "kv_bytes_dense": s.context * self.kv_bytes_per_token,
-            "estimated_speedup": estimate,
+            "estimated_speedup": estimate if sparse else None,
         }
