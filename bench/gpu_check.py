@@ -13,7 +13,7 @@ from gpu_refresh_profile import refresh_case, refresh_ms  # bench/ is the script
 
 from sfi.bench import bench_ours, random_model
 from sfi.config import SfiConfig
-from sfi.decoder import Request, generate
+from sfi.engine.decoder import Request, generate
 from sfi.method.boundary import FixedPeriod
 from sfi.method.refresh import StepRefresh
 from sfi.method.runtime import SfiRuntime

@@ -10,7 +10,7 @@ import time
 import torch
 
 from sfi.bench import random_model
-from sfi.decoder import prefill_row
+from sfi.engine.decoder import prefill_row
 from sfi.model import PrefillStep
 
 

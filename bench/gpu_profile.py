@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sfi.bench import _requests, random_model
 from sfi.config import SfiConfig
-from sfi.decoder import StepDone, generate
+from sfi.engine.decoder import StepDone, generate
 from sfi.method.boundary import FixedPeriod
 from sfi.method.runtime import SfiRuntime
 

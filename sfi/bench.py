@@ -13,12 +13,13 @@ import itertools
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import SfiConfig
-from .decoder import Request, StepDone, generate
+from .engine.decoder import Request, StepDone, generate
 from .loader import build_model
 from .method.boundary import FixedPeriod
 from .method.runtime import SfiRuntime
@@ -61,6 +62,27 @@ def hf_config(preset: str, ctx: int):
     return AutoConfig.for_model(model_type, **spec)
 
 
+def write_checkpoint(preset: str, folder: Path, tokenizer_dir: Path, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: Any) -> Path:
+    """The preset's architecture with seeded random weights, written as a Hugging Face checkpoint folder (config,
+    safetensors) with the tokenizer files of `tokenizer_dir`, so that `sfi run --model FOLDER` runs it exactly as a
+    user's checkpoint. `overrides` change the preset's config (tests shrink it)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(PRESETS[preset]) | overrides
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialised where it will be saved from: a CPU init of 4B parameters is slow
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
 def random_model(preset: str, ctx: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
     args = ModelArgs.from_hf_config(hf_config(preset, ctx))
     model = build_model(args, device, dtype)
@@ -83,7 +105,7 @@ def measure_copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     """Bytes per second of a device-to-device copy (on a CPU, host memory to host memory), read plus write
     counted: the bandwidth a memory-bound decode step is held to."""
     if device.type != "cuda":
-        a = torch.ones(int(gib * 2**30) // 8, dtype=torch.float32)  # a quarter of the GPU's size: host RAM is smaller
+        a = torch.ones(int(gib * 2**30) // 16, dtype=torch.float32)  # gib / 4 per buffer: host RAM is smaller
         b = torch.empty_like(a)
         times = []
         for _ in range(5):

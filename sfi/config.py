@@ -126,10 +126,16 @@ class DecodeConfig:
     max_batch_size: int = 32
     kv_memory_fraction: float = 0.85  # of the memory free after loading, for KV caches and activations
     cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs (false: launch op by op)
+    # A finished row's slot takes the next job at once, its prompt prefilled prefill_chunk tokens per decode
+    # step; false: static batches, each decoded to its last row before the next starts.
+    continuous: bool = True
+    # Prompts sharing at least this many leading tokens prefill the shared part once (0: never).
+    prefix_min_tokens: int = 256
 
     def __post_init__(self) -> None:
         _at_least("decode.prefill_chunk", self.prefill_chunk, 16)
         _at_least("decode.max_batch_size", self.max_batch_size, 1)
+        _at_least("decode.prefix_min_tokens", self.prefix_min_tokens, 0)
         if not 0 < self.kv_memory_fraction <= 1:
             raise ConfigError(f"decode.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
@@ -140,6 +146,7 @@ class GenerationConfig:
 
     max_new_tokens: int = 256
     max_new_tokens_cap: int = 0  # an upper bound for every job, its own max_new_tokens included; 0 = none
+    ignore_eos: bool = False  # decode past end-of-sequence (benchmarks with random weights)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0

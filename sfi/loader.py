@@ -245,6 +245,14 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
     return model.eval()
 
 
+def load_tokenizer(spec: str | None) -> Any:
+    """Only the tokenizer of a model spec (any form `load_model` takes)."""
+    from transformers import AutoTokenizer
+
+    _, folder = resolve_model_dir(spec)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
 def load_model(spec: str | None, device: str = "auto", dtype: str = "auto",
                progress: Callable[[str], None] | None = None) -> LoadedModel:
     start = time.perf_counter()

@@ -173,12 +173,49 @@ def bench_command(
                                                  show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Draw tok/s against context as a PNG (sfi[plot]).",
                                               show_default=False)] = None,
+    write_checkpoint: Annotated[Path | None, typer.Option(help="Instead: write the preset with random bf16 weights "
+                                                          "and the real Qwen3 tokenizer as a checkpoint folder "
+                                                          "(for --workload with -m).", show_default=False)] = None,
+    workload: Annotated[str | None, typer.Option(help="Instead: `sfi run` end to end on a job file (or `mix`, the "
+                                                 "built-in one) with the recipe and dense, continuous and static "
+                                                 "batches: jobs/hour, tokens/s, where the time went.",
+                                                 show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Decode throughput of SFI against dense decoding, transformers.generate and the bandwidth limit."""
     from sfi.bench import PRESETS, run_bench
 
-    from .render import append_csv, bench_table, write_json
+    from .render import append_csv, bench_table, workload_table, write_json
+
+    if write_checkpoint is not None:
+        import torch
+
+        from sfi.bench import write_checkpoint as write
+        from sfi.qwen3_tokenizer import qwen3_tokenizer_dir
+
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}",
+                                     param_hint="--preset")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        typer.echo(write(preset, write_checkpoint, qwen3_tokenizer_dir(), device))
+        return
+    if workload is not None:
+        import tempfile
+
+        from sfi.results import check_writable
+        from sfi.tools.workload import run_workload, workload_file
+
+        check_writable(str(json_out) if json_out is not None else None)
+        reporter = Reporter(quiet)
+        with tempfile.TemporaryDirectory(prefix="sfi-mix-") as tmp:
+            jobs = workload_file(workload, model, Path(tmp))
+            result = run_workload(jobs, model, (recipe, "dense"), overrides=list(set_ or []),
+                                  progress=reporter.message)
+        if json_out is not None:
+            write_json(json_out, result)
+        if not quiet:
+            workload_table(result, reporter.console)
+        return
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="--preset")

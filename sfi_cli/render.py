@@ -89,7 +89,11 @@ class Reporter:
             ("jobs", f"{s.succeeded} ok, {s.failed} failed, {s.skipped} already done"
                      + (f", {s.invalid_lines} bad line(s)" if s.invalid_lines else "")),
             ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
-            ("decode", f"{s.decode_tok_s:,.1f} tok/s over {s.decode_s:.1f}s"),
+            ("time", f"load {s.load_s:.1f}s, prefill {s.prefill_s:.1f}s, decode {s.decode_s:.1f}s "
+                     f"({s.decode_tok_s:,.1f} tok/s), other {s.idle_s:.1f}s; {s.end_to_end_tok_s:,.1f} tok/s and "
+                     f"{s.jobs_per_hour:,.0f} jobs/hour end to end"),
+            *([("prefill", f"{s.prefill_tokens_computed:,} tokens computed, {s.prefill_tokens_reused:,} reused "
+                           "from shared prefixes")] if s.prefill_tokens_reused else []),
             ("steps", _sfi_line(s)),
             *([("budget", s.budget)] if s.budget else []),
             ("elapsed", f"{s.elapsed_s:.1f}s" + ("  (interrupted)" if s.interrupted else "")),
@@ -164,6 +168,23 @@ def eval_table(rows: list[dict], console: Console) -> None:
     console.print(table)
 
 
+def workload_table(result: dict, console: Console) -> None:
+    table = Table(title=f"sfi bench --workload {result['workload']}: {result['model']} on {result['device']} "
+                        f"({result['note']})", title_justify="left")
+    for name in ("run", "jobs/hour", "prompt tok/s", "completion tok/s", "load s", "prefill s", "decode s",
+                 "other s", "prefill reused", "KV read"):
+        table.add_column(name, justify="right")
+    for r in result["runs"]:
+        reused = r["prefill_tokens_reused"] / max(r["prefill_tokens_reused"] + r["prefill_tokens_computed"], 1)
+        table.add_row(r["name"], f"{r['jobs_per_hour']:,.0f}", f"{r['prompt_tok_s']:,.1f}",
+                      f"{r['completion_tok_s']:,.1f}", f"{r['load_s']:.1f}", f"{r['prefill_s']:.1f}",
+                      f"{r['decode_s']:.1f}", f"{r['idle_s']:.1f}", f"{reused:.0%}",
+                      f"{r['kv_read_fraction']:.0%}" if r["kv_read_fraction"] is not None else "-")
+    console.print(table)
+    for name, value in result["ratios"].items():
+        console.print(f"{name}: {value:.2f}x", markup=False, highlight=False)
+
+
 def bench_table(result: dict, console: Console) -> None:
     table = Table(title=f"sfi bench: {result['preset']}, {result['dtype']}, {result['device']}, copy bandwidth "
                         f"{result['copy_bandwidth_GBps']:.0f} GB/s", title_justify="left")
@@ -222,8 +243,12 @@ def write_report(path: Path, summary: RunSummary) -> None:
         "jobs": {"total": summary.jobs_total, "succeeded": summary.succeeded, "failed": summary.failed,
                  "skipped": summary.skipped, "invalid_lines": summary.invalid_lines},
         "tokens": {"prompt": summary.prompt_tokens, "completion": summary.completion_tokens},
-        "timing": {"load_s": round(summary.load_s, 3), "elapsed_s": round(summary.elapsed_s, 3),
-                   "decode_s": round(summary.decode_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2)},
+        "timing": {"load_s": round(summary.load_s, 3), "prefill_s": round(summary.prefill_s, 3),
+                   "decode_s": round(summary.decode_s, 3), "idle_s": round(summary.idle_s, 3),
+                   "elapsed_s": round(summary.elapsed_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2),
+                   "end_to_end_tok_s": round(summary.end_to_end_tok_s, 2),
+                   "jobs_per_hour": round(summary.jobs_per_hour, 1)},
+        "prefill_tokens": {"computed": summary.prefill_tokens_computed, "reused": summary.prefill_tokens_reused},
         "interrupted": summary.interrupted, "config": summary.config, "results": summary.results,
         "sfi": {"budget": summary.budget, "slow_steps": summary.slow_steps, "fast_steps": summary.fast_steps,
                 "kv_bytes_read": summary.kv_bytes_read, "kv_bytes_dense": summary.kv_bytes_dense},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from sfi_cli.main import main
 
 
@@ -53,3 +55,32 @@ def test_bench_a_real_checkpoint(tmp_path):
     assert ok["sfi"]["tok_s"] > 0 and ok["hf_generate"]["tok_s"] > 0 and ok["sfi"]["attended_fraction"] < 0.6
     assert "context" in too_long["error"]
     assert main(["bench", "--model", str(folder), "--random-weights"]) == 1
+
+
+def test_workload_bench_runs_sfi_and_dense_continuous_and_static(tmp_path):
+    from sfi.tools.workload import mix_jobs, write_jobs
+
+    import tiny
+
+    folder = tiny.make_checkpoint(tmp_path / "ckpt", "qwen3", seed=4)
+    jobs = mix_jobs(tiny.tokenizer(), n_jobs=7, lengths=(60, 200), new_tokens=(3, 9), documents=1, questions=3,
+                    document_lengths=(150, 220), seed=1)
+    assert len(jobs) == 7 and sum(j["id"].startswith("doc0-") for j in jobs) == 3
+    assert jobs == mix_jobs(tiny.tokenizer(), n_jobs=7, lengths=(60, 200), new_tokens=(3, 9), documents=1,
+                            questions=3, document_lengths=(150, 220), seed=1)  # seeded
+    path = tmp_path / "mix.jsonl"
+    write_jobs(path, jobs)
+    out = tmp_path / "workload.json"
+    assert main(["bench", "--workload", str(path), "-m", str(folder), "--set", "decode.max_batch_size=3",
+                 "--set", "decode.prefix_min_tokens=64", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["recipe"], r["continuous"]) for r in result["runs"]] == [
+        ("default", True), ("default", False), ("dense", True), ("dense", False)]
+    want = sum(j["max_new_tokens"] for j in jobs)  # end-of-sequence ignored: every job writes all its tokens
+    for r in result["runs"]:
+        assert r["jobs"] == 7 and r["failed"] == 0 and r["completion_tokens"] == want and r["jobs_per_hour"] > 0
+        assert r["prefill_tokens_reused"] > 0  # two of the three questions copy the document
+        assert r["load_s"] + r["prefill_s"] + r["decode_s"] + r["idle_s"] == pytest.approx(r["elapsed_s"], abs=0.05)
+    assert set(result["ratios"]) == {"default: continuous / static jobs per hour",
+                                     "dense: continuous / static jobs per hour",
+                                     "default / dense jobs per hour (continuous)"}

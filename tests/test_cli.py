@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import sfi.decoder
 import sfi.engine
+import sfi.engine.decoder
 import sfi.loader
 from sfi.config import derived_budget
 from sfi.model import Transformer
@@ -147,18 +147,18 @@ def test_interrupt_then_resume_redoes_nothing_finished(ckpt, tmp_path, monkeypat
     with out.open("a") as f:  # and a torn line, as from a kill -9 in the middle of a write
         f.write('{"id": "p2", "text": "half')
 
-    decoded: list[int] = []
-    real_generate = sfi.decoder.generate
+    admitted: list[int] = []
+    real_admit = sfi.engine.decoder.Decoder.admit
 
-    def counting_generate(model, requests, *a, **k):
-        decoded.append(len(requests))
-        yield from real_generate(model, requests, *a, **k)
+    def counting_admit(self, slot, request, *a, **k):
+        admitted.append(slot)
+        real_admit(self, slot, request, *a, **k)
 
-    monkeypatch.setattr(sfi.decoder, "generate", counting_generate)
+    monkeypatch.setattr(sfi.engine.decoder.Decoder, "admit", counting_admit)
     report = tmp_path / "r.json"
     assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q", "--set", "decode.max_batch_size=1",
                  "--report", str(report)]) == 0
-    assert sum(decoded) == len(JOBS) - 2
+    assert len(admitted) == len(JOBS) - 2
     assert json.loads(report.read_text())["jobs"]["skipped"] == 2
     final = read_out(out)
     assert len(final) == len(JOBS) and len(by_id(final)) == len(JOBS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sfi.decoder import Request, generate
+from sfi.engine.decoder import Request, generate
 from sfi.loader import load_model
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker

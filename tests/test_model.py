@@ -106,7 +106,7 @@ def test_bfloat16_close_to_float32(tmp_path):
 def test_layer_major_prefill_equals_chunked(tmp_path):
     """The GPU prefill (layer by layer, one causal attention call per layer) gives the chunked prefill's
     logits, cache and bootstrap captures."""
-    from sfi.decoder import prefill_row
+    from sfi.engine.decoder import prefill_row
     from sfi.loader import load_model
     from sfi.method.runtime import Capture
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sfi.config import SfiConfig
-from sfi.decoder import Request, generate
+from sfi.engine.decoder import Request, generate
 from sfi.method.boundary import FixedPeriod, NoBoundary
 from sfi.method.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sfi.decoder import Request, generate
+from sfi.engine.decoder import Request, generate
 from sfi.loader import load_model
 from sfi.model import PrefillStep
 from sfi.sampling import RowSampler, SamplingParams

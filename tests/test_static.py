@@ -11,7 +11,7 @@ import torch
 
 from sfi.cache import KVCache
 from sfi.config import SfiConfig
-from sfi.decoder import Request, generate
+from sfi.engine.decoder import Request, generate
 from sfi.graphs import _bucket
 from sfi.method.boundary import FixedPeriod
 from sfi.method.memory import SparseMemory

@@ -75,6 +75,13 @@ class SfiRuntime:
     def needs_memory(self, max_tokens: Sequence[int]) -> bool:
         return any(n > self.budget for n in max_tokens)
 
+    def reset(self, row: int) -> None:
+        """Forget everything about `row`: a new sequence is admitted into its slot."""
+        self.state[row] = BoundaryState()
+        self.pending[row] = self.has_memory[row] = False
+        self.recent_start[row] = self.compact_len[row] = 0
+        self.stats[row] = RowStats()
+
     def attach(self, memory: SparseMemory | None, cache) -> None:
         self.memory, self.cache = memory, cache
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..config import Config, load_config
-from ..decoder import PrefillDone, Prefilled, Request, generate, prefill_capture
+from ..engine.decoder import PrefillDone, Prefilled, Request, generate, prefill_capture
 from ..errors import ConfigError
 from ..loader import LoadedModel
 from ..method.boundary import make_boundary
@@ -152,7 +152,7 @@ def _prose_sentences(seed: int) -> list[str]:
     return [s.strip() + " " for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 20]
 
 
-def _haystack(tokenizer: Any, n_tokens: int, rng: random.Random, needles: Sequence[tuple[float, str]]) -> str:
+def haystack(tokenizer: Any, n_tokens: int, rng: random.Random, needles: Sequence[tuple[float, str]]) -> str:
     """About n_tokens of prose with each needle inserted between sentences at its depth (0..1)."""
     sentences = _prose_sentences(rng.randrange(1 << 30))
     start = rng.randrange(len(sentences) // 2)
@@ -224,17 +224,17 @@ def build_trial(task: str, tokenizer: Any, length: int, seed: int) -> Trial:
     elif task == "fidelity":
         question = "\n\nWrite a detailed summary of the text above."
         room = length - len(_chat(tokenizer, question)) - 4
-        return Trial(task, length, _chat(tokenizer, _haystack(tokenizer, room, rng, []) + question))
+        return Trial(task, length, _chat(tokenizer, haystack(tokenizer, room, rng, []) + question))
     elif task != "nll":
         raise ConfigError(f"unknown eval task {task!r}; choose from {', '.join(TASKS)}")
     if task != "nll":
         room = length - len(_chat(tokenizer, question, prefix)) - 4
-        hay = _haystack(tokenizer, room, rng, needles)
+        hay = haystack(tokenizer, room, rng, needles)
         return Trial(task, length, _chat(tokenizer, hay + question, prefix), answer, chain=chain, forced=forced)
     # nll: a prose prefix and its true continuation.
     # Sentence-by-sentence counts overestimate the joined text by about a token per sentence: ask for more.
     want = int(1.15 * (length + NLL_TOKENS)) + 200
-    ids = tokenizer(_haystack(tokenizer, want, rng, []), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(haystack(tokenizer, want, rng, []), add_special_tokens=False)["input_ids"]
     if len(ids) < length + NLL_TOKENS:
         raise ConfigError(f"not enough prose for a {length}-token nll trial")
     return Trial(task, length, list(ids[:length]), continuation=list(ids[length:length + NLL_TOKENS]))
@@ -288,12 +288,13 @@ class _Run:
 def _decode(lm: LoadedModel, config: Config, *, group: Sequence[Trial], cache, prefilled: Sequence[Prefilled],
             new: Sequence[int], forced: Sequence[Sequence[int]] | None = None, probe: RecallProbe | None = None,
             cuda_graphs: bool = False) -> _Run:
-    requests = [Request(t.prompt_ids, RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, lm.eos_ids, (), n))
-                for t, n in zip(group, new, strict=True)]
+    requests = [Request(t.prompt_ids, RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, lm.eos_ids, (), n),
+                        forced=forced[i] if forced is not None else None)
+                for i, (t, n) in enumerate(zip(group, new, strict=True))]
     runtime = _runtime(config, lm, len(group))
     logprobs: list[list[float]] = [[] for _ in group]
     sampled: list[list[int]] = [[] for _ in group]
-    for event in generate(lm.model, requests, cache=cache, runtime=runtime, prefilled=prefilled, forced=forced,
+    for event in generate(lm.model, requests, cache=cache, runtime=runtime, prefilled=prefilled,
                           cuda_graphs=cuda_graphs, probe=probe):
         if forced is None:
             continue

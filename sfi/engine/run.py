@@ -12,22 +12,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Config
-from .errors import JobInputError
-from .jobs import Job, JobProblem, read_jobs
-from .prompts import Prompt, PromptError, fit, render
-from .results import JobResult, ResultWriter
+from ..config import Config
+from ..errors import JobInputError
+from ..jobs import Job, JobProblem, read_jobs
+from ..prompts import Prompt, PromptError, fit, render
+from ..results import JobResult, ResultWriter
 
 if TYPE_CHECKING:
-    from .loader import LoadedModel
-    from .method.runtime import SfiRuntime
-    from .model import ModelArgs
-    from .sampling import SamplingParams
-    from .scheduler import Sized
+    from ..loader import LoadedModel
+    from ..method.runtime import SfiRuntime
+    from ..model import ModelArgs
+    from ..sampling import SamplingParams
+    from .decoder import PrefillDone
+    from .scheduler import Bucket, Sized
 
 
 @dataclass
@@ -56,7 +58,10 @@ class RunSummary:
     completion_tokens: int = 0
     load_s: float = 0.0
     elapsed_s: float = 0.0
-    decode_s: float = 0.0  # summed over batches, wall time of their decode loops
+    prefill_s: float = 0.0  # summed over jobs: time in their own prefill chunks
+    decode_s: float = 0.0  # summed over decode steps
+    prefill_tokens_computed: int = 0
+    prefill_tokens_reused: int = 0  # prompt tokens copied from another job's shared prefix
     interrupted: bool = False
     sparse_jobs: int = 0  # jobs where SFI engaged (some step read less than the whole context)
     slow_steps: int = 0
@@ -71,6 +76,19 @@ class RunSummary:
     @property
     def decode_tok_s(self) -> float:
         return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def idle_s(self) -> float:
+        """Wall time in neither loading, prefill nor decode steps: reading jobs, tokenising, writing, waiting."""
+        return max(0.0, self.elapsed_s - self.load_s - self.prefill_s - self.decode_s)
+
+    @property
+    def end_to_end_tok_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def jobs_per_hour(self) -> float:
+        return 3600 * self.succeeded / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -135,6 +153,22 @@ class Prepared:
     params: SamplingParams
     stop: tuple[str, ...]
     seed: int
+    group: int = -1  # shared-prefix group (scheduler.prefix_groups), -1 for none
+    shared: int = 0  # prompt tokens it may copy from another member of its group
+
+
+@dataclass
+class _Flight:
+    """A job in a slot: what it is, and its timings so far."""
+
+    prepared: Prepared
+    request: Any
+    admitted: float
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_start: float = 0.0
+    computed: int = 0
+    reused: int = 0
 
 
 def _row_seed(run_seed: int, job_id: str) -> int:
@@ -192,7 +226,7 @@ class Runner:
 
     # -- preparation ----------------------------------------------------------------------------------
     def _prepare(self, job: Job, lm: LoadedModel) -> Prepared:
-        from .sampling import SamplingParams
+        from ..sampling import SamplingParams
 
         g, p = self.cfg.generation, job.params
         pick = lambda own, default: default if own is None else own  # noqa: E731 - a job's own field wins
@@ -208,8 +242,8 @@ class Runner:
 
     # -- decoding -------------------------------------------------------------------------------------
     def _runtime(self, lm: LoadedModel, n_rows: int, sfi: bool) -> SfiRuntime | None:
-        from .method.boundary import make_boundary
-        from .method.runtime import SfiRuntime
+        from ..method.boundary import make_boundary
+        from ..method.runtime import SfiRuntime
 
         cfg = self.cfg.sfi
         if not sfi or cfg.mode == "dense":
@@ -217,77 +251,102 @@ class Runner:
         boundary = make_boundary(cfg, lm.tokenizer)
         return SfiRuntime(cfg, boundary, n_rows, lm.args.kv_bytes_per_token(lm.model.dtype))
 
-    def _decode(self, lm: LoadedModel, batch: Sequence[Prepared], sfi: bool) -> Iterator[Decoded]:
-        """Decode one batch, yielding each job as it finishes; a batch out of memory is split and retried."""
+    def _request(self, lm: LoadedModel, p: Prepared, reuse: tuple[int, int] | None = None):
+        from ..sampling import RowSampler
+        from ..stopping import StopChecker
+        from .decoder import Request
+
+        eos = () if self.cfg.generation.ignore_eos else lm.eos_ids
+        return Request(p.prompt.ids, RowSampler(p.params, p.seed),
+                       StopChecker(lm.tokenizer, eos, p.stop, p.prompt.max_new_tokens), reuse=reuse)
+
+    def _decode(self, lm: LoadedModel, bucket: Bucket[Prepared], sfi: bool) -> Iterator[Decoded]:
+        """Decode a bucket continuously, yielding each job as it finishes: a finished row's slot takes the next
+        job, whose prompt is prefilled a chunk per step between the running rows' decode steps. Out of memory,
+        the jobs in flight go back to the queue and the bucket goes on with half the slots."""
         import torch
 
-        from .decoder import PrefillDone, Request, generate
-        from .sampling import RowSampler
-        from .stopping import StopChecker
+        from .decoder import Decoder
 
-        requests = [
-            Request(prompt_ids=p.prompt.ids, sampler=RowSampler(p.params, p.seed),
-                    stopper=StopChecker(lm.tokenizer, lm.eos_ids, p.stop, p.prompt.max_new_tokens))
-            for p in batch
-        ]
-        runtime = self._runtime(lm, len(batch), sfi)
-        queue_s = [0.0] * len(batch)
-        prefill_s = [0.0] * len(batch)
-        decode_start = None
-        done = [False] * len(batch)
+        d = self.cfg.decode
+        queue = deque(it.item for it in bucket.items)
+        slots = bucket.slots
+        while queue:
+            flights: dict[int, _Flight] = {}
+            try:
+                runtime = self._runtime(lm, slots, sfi)
+                decoder = Decoder(lm.model, slots, bucket.max_tokens, runtime, d.prefill_chunk, d.cuda_graphs)
+                while queue or decoder.busy:
+                    if d.continuous or not decoder.busy:
+                        for slot in decoder.free[:len(queue)]:
+                            p = queue.popleft()
+                            request = self._request(lm, p, self._reuse(p, flights))
+                            flights[slot] = _Flight(p, request, time.perf_counter())
+                            decoder.admit(slot, request)
+                    for e in decoder.prefill(d.prefill_chunk if d.continuous and decoder.busy else None):
+                        self._prefilled(flights[e.row], e, sfi)
+                        if e.finished:
+                            yield self._finish(lm, flights.pop(e.row), runtime, e.row)
+                    step = decoder.step()
+                    if step is None:
+                        continue
+                    if sfi:  # the --compare pass is not part of the run's own throughput
+                        self.summary.decode_s += step.seconds
+                    self.obs.tokens(len(step.rows))
+                    for row in step.finished:
+                        yield self._finish(lm, flights.pop(row), runtime, row)
+            except (torch.OutOfMemoryError, MemoryError):
+                left = [f.prepared for _, f in sorted(flights.items(), key=lambda kv: kv[1].admitted)]
+                del runtime, decoder
+                if lm.model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if slots == 1:
+                    lost = left.pop(0)
+                    yield Decoded(lost, [], self._error(lost.job.id, "out of memory decoding this job alone",
+                                                        lost.job.api))
+                queue.extendleft(reversed(left))
+                half = max(1, slots // 2)
+                if slots > 1:
+                    self.obs.message(f"out of memory with {slots} rows; retrying with {half} at a time")
+                slots = half
 
-        def finish(row: int) -> Decoded:
-            p, req = batch[row], requests[row]
-            decode_s = time.perf_counter() - decode_start if decode_start is not None else 0.0
-            done[row] = True
-            n = len(req.stopper.token_ids)
-            report = runtime.report(row) if runtime else dense_report(len(p.prompt.ids), n, lm, self.cfg.sfi)
-            extra = {"truncated_from": p.prompt.truncated_from} if p.prompt.truncated_from else {}
-            extra["sfi"] = report
-            return Decoded(p, req.stopper.token_ids, JobResult(
-                id=p.job.id, text=req.stopper.text(), finish_reason=req.stopper.finish_reason or "length",
-                prompt_tokens=len(p.prompt.ids), completion_tokens=n,
-                queue_s=queue_s[row], prefill_s=prefill_s[row], decode_s=decode_s, api=p.job.api,
-                model=self.summary.model, metadata=p.job.metadata, extra=extra))
+    def _reuse(self, p: Prepared, flights: dict[int, _Flight]) -> tuple[int, int] | None:
+        """(slot, n) of a job in flight whose prompt starts with this job's shared prefix, if any."""
+        if p.group < 0 or p.shared == 0:
+            return None
+        return next(((slot, p.shared) for slot, f in flights.items() if f.prepared.group == p.group), None)
 
-        try:
-            for event in generate(lm.model, requests, self.cfg.decode.prefill_chunk, runtime=runtime,
-                                  cuda_graphs=self.cfg.decode.cuda_graphs):
-                if isinstance(event, PrefillDone):
-                    queue_s[event.row] = event.started - self.t0
-                    prefill_s[event.row] = event.seconds
-                    self.obs.tokens(1)
-                    if event.finished:
-                        yield finish(event.row)
-                    continue
-                if decode_start is None:
-                    decode_start = time.perf_counter() - event.seconds
-                if sfi:  # the --compare pass is not part of the run's own throughput
-                    self.summary.decode_s += event.seconds
-                self.obs.tokens(len(event.rows))
-                for row in event.finished:
-                    yield finish(row)
-        except (torch.OutOfMemoryError, MemoryError):
-            left = [p for p, d in zip(batch, done, strict=True) if not d]
-            del requests, runtime
-            if lm.model.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(left) == 1:
-                yield Decoded(left[0], [], self._error(left[0].job.id, "out of memory decoding this job alone",
-                                                       left[0].job.api))
-                return
-            half = len(left) // 2
-            self.obs.message(f"out of memory with {len(left)} rows; retrying as {half} + {len(left) - half}")
-            yield from self._decode(lm, left[:half], sfi)
-            yield from self._decode(lm, left[half:], sfi)
+    def _prefilled(self, flight: _Flight, event: PrefillDone, sfi: bool) -> None:
+        flight.queue_s = event.started - self.t0
+        flight.prefill_s = event.seconds
+        flight.decode_start = time.perf_counter()
+        flight.computed, flight.reused = event.computed, event.reused
+        if sfi:
+            s = self.summary
+            s.prefill_s += event.seconds
+            s.prefill_tokens_computed += event.computed
+            s.prefill_tokens_reused += event.reused
+        self.obs.tokens(1)
 
-    def _decode_batch(self, lm: LoadedModel, batch: Sequence[Prepared], writer: ResultWriter) -> None:
+    def _finish(self, lm: LoadedModel, f: _Flight, runtime: SfiRuntime | None, row: int) -> Decoded:
+        p, req = f.prepared, f.request
+        n = len(req.stopper.token_ids)
+        report = runtime.report(row) if runtime else dense_report(len(p.prompt.ids), n, lm, self.cfg.sfi)
+        extra = {"truncated_from": p.prompt.truncated_from} if p.prompt.truncated_from else {}
+        extra |= {"prefill_tokens_computed": f.computed, "prefill_tokens_reused": f.reused, "sfi": report}
+        return Decoded(p, req.stopper.token_ids, JobResult(
+            id=p.job.id, text=req.stopper.text(), finish_reason=req.stopper.finish_reason or "length",
+            prompt_tokens=len(p.prompt.ids), completion_tokens=n, queue_s=f.queue_s, prefill_s=f.prefill_s,
+            decode_s=time.perf_counter() - f.decode_start, api=p.job.api, model=self.summary.model,
+            metadata=p.job.metadata, extra=extra))
+
+    def _decode_bucket(self, lm: LoadedModel, bucket: Bucket[Prepared], writer: ResultWriter) -> None:
         if not self.opts.compare_dense:
-            for d in self._decode(lm, batch, sfi=True):
+            for d in self._decode(lm, bucket, sfi=True):
                 self._emit(writer, d.result)
             return
-        ours = {d.prepared.job.id: d for d in self._decode(lm, batch, sfi=True)}
-        for dense in self._decode(lm, batch, sfi=False):
+        ours = {d.prepared.job.id: d for d in self._decode(lm, bucket, sfi=True)}
+        for dense in self._decode(lm, bucket, sfi=False):
             d = ours[dense.prepared.job.id]
             if d.result.finish_reason != "error" and dense.result.finish_reason != "error":
                 d.result.extra["compare_dense"] = compare(d, dense)
@@ -326,7 +385,7 @@ class Runner:
                 self._fail(writer, problem.job_id, str(problem))
         if not todo:
             return
-        from .loader import load_model
+        from ..loader import load_model
         from .scheduler import Sized
 
         lm = load_model(self.opts.model, self.cfg.decode.device, self.cfg.decode.dtype, progress=self.obs.message)
@@ -358,7 +417,7 @@ class Runner:
         return tokens + (cfg.sink + cfg.k_head if needs_memory else 0)
 
     def _decode_all(self, lm: LoadedModel, sized: list[Sized[Prepared]], writer: ResultWriter) -> None:
-        from .scheduler import available_memory, plan_batches
+        from .scheduler import available_memory, plan_buckets, prefix_groups
 
         d = self.cfg.decode
         device = lm.model.device
@@ -366,13 +425,19 @@ class Runner:
         bpt = lm.args.kv_bytes_per_token(lm.model.dtype)
         headroom = activation_bytes(lm.args, d.prefill_chunk, longest, d.max_batch_size, device.type == "cpu")
         budget = int(available_memory(device) * d.kv_memory_fraction) - headroom
-        batches, too_big = plan_batches(sized, bpt, budget, d.max_batch_size)
+        groups = [-1] * len(sized)
+        if d.prefix_min_tokens:
+            keep = self.cfg.sfi.bootstrap_window  # each job prefills its own last queries
+            groups, shared = prefix_groups([it.item.prompt.ids for it in sized], d.prefix_min_tokens, keep)
+            for it, g, n in zip(sized, groups, shared, strict=True):
+                it.item.group, it.item.shared = g, n
+        buckets, too_big = plan_buckets(sized, bpt, budget, d.max_batch_size, groups)
         for it in too_big:
             need = it.tokens * bpt / 2**30
             self._fail(writer, it.item.job.id, f"needs {need:.2f} GiB of KV cache for {it.tokens} tokens; "
                        f"only {max(budget, 0) / 2**30:.2f} GiB is free for caches", it.item.job.api)
-        for batch in batches:
-            self._decode_batch(lm, [it.item for it in batch], writer)
+        for bucket in buckets:
+            self._decode_bucket(lm, bucket, writer)
 
 
 def run(opts: RunOptions, observer: Observer | None = None) -> RunSummary:

@@ -1,0 +1,363 @@
+"""The decode loop over a fixed set of cache rows ("slots"): requests are admitted into free slots at any step,
+their prompts are prefilled a chunk at a time between decode steps, and every decode step advances all rows
+that are decoding. `Decoder` is the state; `generate` runs one batch to its end (eval, bench, tests).
+
+Each admitted row is independent of its neighbours: its SFI state is reset on admission, its sampler is its
+own, and its cache row is its own. A row whose prompt shares a prefix with a row still in its slot copies that
+prefix's K/V instead of computing it (`Request.reuse`). Events (`PrefillDone`, `StepDone`) report what each
+call did, so progress, timing and reports need no hooks in the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCache
+from ..graphs import StaticDecoder
+from ..method.memory import SparseMemory
+from ..method.runtime import Capture, SfiRuntime
+from ..model import PrefillStep, Transformer
+from ..sampling import RowSampler, sample
+from ..stopping import StopChecker
+
+
+@dataclass
+class Request:
+    """One job as the loop sees it: its prompt, how to sample, when to stop."""
+
+    prompt_ids: list[int]
+    sampler: RowSampler
+    stopper: StopChecker
+    forced: Sequence[int] | None = None  # fed before its own samples (teacher forcing); log p reported
+    reuse: tuple[int, int] | None = None  # (slot, n): copy the first n cache positions from that slot's row
+
+
+@dataclass
+class Prefilled:
+    """A row already prefilled (by `prefill_capture`): its last logits and, per layer, the last W
+    queries' logits over every prompt position, from which any recipe's bootstrap can be cut."""
+
+    logits: torch.Tensor  # [V]
+    window_logits: list[torch.Tensor]  # per layer [Hq, W, T], -inf where a query cannot see
+
+
+@dataclass
+class PrefillDone:
+    row: int
+    started: float  # perf_counter at the row's admission
+    seconds: float  # time spent in the row's own prefill chunks
+    finished: bool  # the first token already ended the row (eos, or max_new_tokens == 1)
+    logprob: float | None = None  # with forced tokens: log p of the first token
+    sampled: int | None = None  # with forced tokens: what the sampler picked instead
+    computed: int = 0  # prompt tokens this row's prefill computed
+    reused: int = 0  # prompt tokens copied from another row (a shared prefix)
+
+
+@dataclass
+class StepDone:
+    step: int
+    rows: list[int]  # rows that took this step
+    tokens: list[int]  # the token each of them got
+    finished: list[int]  # rows that stopped at this step
+    seconds: float
+    kinds: list[str] | None = None  # per row: "slow", "fast" or "full" (None: every row dense)
+    logprobs: list[float] | None = None  # with forced tokens: log p of each row's token
+    captured_graph: bool = False  # this step included capturing a CUDA graph (one-time cost)
+    sampled: list[int] | None = None  # with forced tokens: what the sampler picked (greedy: the argmax)
+
+
+def chunk_starts(length: int, chunk: int, last_at_least: int = 1, first: int = 0) -> list[int]:
+    """Start positions of prefill chunks of [first, length); the last chunk holds at least `last_at_least` tokens
+    (the bootstrap window must lie in one chunk)."""
+    starts = list(range(first, length, chunk))
+    if len(starts) > 1 and length - starts[-1] < last_at_least:
+        starts.pop()
+    return starts
+
+
+def prefill_row(model: Transformer, cache: KVCache, row: int, ids: torch.Tensor, chunk: int,
+                bootstrap: Capture | None = None, refresh=None) -> torch.Tensor:
+    """Fill cache row `row` with the prompt `ids` [T], `chunk` tokens at a time; return last logits [V].
+
+    On a GPU the prompt goes layer by layer with one flash attention call per layer (see
+    `Transformer.prefill_layer_major`); on a CPU, chunk by chunk through all layers."""
+    if ids.is_cuda and len(ids) > chunk:
+        logits = _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh)
+        if logits is not None:
+            return logits
+    logits = None
+    for start, end, last in _chunks(len(ids), chunk, bootstrap):
+        step = PrefillStep(row, start, end - start, bootstrap if last else None, refresh if last else None)
+        logits = model.prefill(ids[start:end], cache, step)
+    assert logits is not None, "empty prompt"
+    return logits
+
+
+def _chunks(length: int, chunk: int, bootstrap: Capture | None, first: int = 0) -> list[tuple[int, int, bool]]:
+    starts = chunk_starts(length, chunk, bootstrap.batch_index if bootstrap else 1, first)
+    ends = starts[1:] + [length]
+    return [(s, e, e == length) for s, e in zip(starts, ends, strict=True)]
+
+
+def _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh) -> torch.Tensor | None:
+    """The layer-major prefill where a fused attention kernel serves it; None if none does (SDPA would fall
+    back to materialising [T, T] scores), and the caller prefills chunk by chunk instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if getattr(model, "flash_prefill_failed", False):
+        return None
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return model.prefill_layer_major(ids, cache, row, chunk, bootstrap, refresh)
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+        model.flash_prefill_failed = True  # fails at the first layer's attention, before any refresh
+        return None
+
+
+def cache_length(requests: Sequence[Request]) -> int:
+    """Cache positions a batch needs: the last sampled token of a row is never written back."""
+    return max(len(r.prompt_ids) + r.stopper.max_new_tokens - 1 for r in requests)
+
+
+def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[int], chunk: int,
+                    window: int) -> Prefilled:
+    """Prefill one row and keep what every recipe's bootstrap needs (see `Prefilled`)."""
+    captured: list[torch.Tensor] = []
+    capture = Capture(min(window, len(ids)), row, 0, len(ids))
+    logits = prefill_row(model, cache, row, torch.tensor(list(ids), device=model.device), chunk, capture,
+                         lambda layer, r, z: captured.append(z))
+    return Prefilled(logits, captured)
+
+
+@dataclass
+class _Prefill:
+    """A row's prompt still being prefilled: the chunks left, and where its bootstrap capture goes."""
+
+    row: int
+    ids: torch.Tensor  # [T] on the device
+    chunks: deque[tuple[int, int, bool]]
+    bootstrap: Capture | None
+    started: float
+    seconds: float = 0.0
+    reused: int = 0
+    waits_for: tuple[int, int, _Row] | None = None  # copy n positions from the row in that slot once it has them
+    prefilled: Prefilled | None = None
+
+
+@dataclass
+class _Row:
+    request: Request
+    length: int = 0  # tokens in the cache row
+    last: int = 0  # the token to feed next
+    progress: int = 0  # prompt tokens in the cache so far (prefill)
+    decoding: bool = False
+    events: list = field(default_factory=list)
+
+
+class Decoder:
+    """Continuous decoding over `slots` rows of one KV cache (allocated once, `max_len` positions per row)."""
+
+    def __init__(self, model: Transformer, slots: int, max_len: int, runtime: SfiRuntime | None = None,
+                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None) -> None:
+        self.model, self.runtime, self.chunk, self.probe = model, runtime, prefill_chunk, probe
+        self.cache = cache or model.new_cache(slots, max_len)
+        max_len = self.cache.max_len
+        memory = None
+        if runtime is not None:
+            if runtime.needs_memory([max_len]):
+                a, cfg = model.args, runtime.cfg
+                memory = SparseMemory(a.n_layers, self.cache.batch, a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim,
+                                      model.dtype, model.device)
+            runtime.attach(memory, self.cache)
+        self.static = StaticDecoder(model, self.cache, memory, cuda_graphs and probe is None,
+                                    runtime.score_params if runtime else None,
+                                    runtime.cfg.dense_layers if runtime else 0)
+        self.rows: dict[int, _Row] = {}
+        self.prefills: deque[_Prefill] = deque()
+        self.steps = 0
+
+    # -- admission ------------------------------------------------------------------------------------
+    @property
+    def free(self) -> list[int]:
+        return [s for s in range(self.cache.batch) if s not in self.rows]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows)
+
+    def progress(self, slot: int) -> int:
+        """Prompt positions of `slot`'s row already in the cache (for a follower waiting on its prefix)."""
+        row = self.rows.get(slot)
+        return row.progress if row is not None else 0
+
+    def admit(self, slot: int, request: Request, prefilled: Prefilled | None = None) -> None:
+        """Start `request` in free slot `slot`: reset its SFI state and queue its prefill."""
+        if slot in self.rows:
+            raise ValueError(f"slot {slot} is busy")
+        n = len(request.prompt_ids)
+        if n + request.stopper.max_new_tokens - 1 > self.cache.max_len:
+            raise ValueError(f"a request of {n} + {request.stopper.max_new_tokens} tokens does not fit rows of "
+                             f"{self.cache.max_len}")
+        if request.reuse is not None and request.reuse[1] > n - 1:
+            raise ValueError(f"a request cannot copy {request.reuse[1]} of its {n} prompt tokens (its last one is "
+                             "its own)")
+        self.rows[slot] = _Row(request)
+        if self.runtime is not None:
+            self.runtime.reset(slot)
+        boot = self.runtime.bootstrap(slot, n) if self.runtime is not None else None
+        reused = request.reuse[1] if request.reuse is not None else 0
+        ids = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.model.device)
+        # The source is remembered by its row, not its slot: a slot freed meanwhile may hold another prompt.
+        source = (*request.reuse, self.rows.get(request.reuse[0])) if request.reuse is not None else None
+        self.prefills.append(_Prefill(slot, ids, deque(_chunks(n, self.chunk, boot, reused)), boot,
+                                      time.perf_counter(), reused=reused, waits_for=source, prefilled=prefilled))
+
+    # -- prefill --------------------------------------------------------------------------------------
+    def prefill(self, budget: int | None = None) -> list[PrefillDone]:
+        """Prefill queued prompts in admission order, up to `budget` tokens (None: all of them). A prompt
+        prefilled whole in one call goes through `prefill_row` (layer by layer on a GPU)."""
+        done: list[PrefillDone] = []
+        spent = 0
+        waiting: list[_Prefill] = []  # followers whose prefix is not in their source row yet
+        while self.prefills and (budget is None or spent < budget):
+            p = self.prefills.popleft()
+            if p.waits_for is not None and not self._copy_prefix(p):
+                waiting.append(p)
+                continue
+            started = time.perf_counter()
+            row = self.rows[p.row]
+            if p.prefilled is not None:
+                logits = self._from_prefilled(p)
+                p.chunks.clear()
+            elif budget is None and p.reused == 0:
+                logits = prefill_row(self.model, self.cache, p.row, p.ids, self.chunk, p.bootstrap, self._refresh())
+                spent += len(p.ids)
+                p.chunks.clear()
+            else:
+                start, end, last = p.chunks.popleft()
+                step = PrefillStep(p.row, start, end - start, p.bootstrap if last else None,
+                                   self._refresh() if last else None)
+                logits = self.model.prefill(p.ids[start:end], self.cache, step)
+                spent += end - start
+                row.progress = end
+            p.seconds += time.perf_counter() - started
+            if p.chunks:  # first come, first finished: the same prompt goes on while the budget lasts
+                self.prefills.appendleft(p)
+                continue
+            row.progress = len(p.ids)
+            done.append(self._first_token(p, logits))
+        self.prefills.extendleft(reversed(waiting))
+        return done
+
+    def _refresh(self):
+        return self.runtime.refresh if self.runtime is not None else None
+
+    def _copy_prefix(self, p: _Prefill) -> bool:
+        src, n, source = p.waits_for
+        if source is None or self.rows.get(src) is not source:  # the source has gone: compute the prefix after all
+            p.waits_for, p.reused = None, 0
+            p.chunks = deque(_chunks(len(p.ids), self.chunk, p.bootstrap))
+            return True
+        if self.progress(src) < n:
+            return False
+        c = self.cache
+        c.k[:, p.row, :, :n] = c.k[:, src, :, :n]
+        c.v[:, p.row, :, :n] = c.v[:, src, :, :n]
+        self.rows[p.row].progress = n
+        p.waits_for = None
+        return True
+
+    def _from_prefilled(self, p: _Prefill) -> torch.Tensor:
+        """A row prefilled outside the loop (eval's shared prefill): only the bootstrap selection remains."""
+        boot = p.bootstrap
+        if boot is not None:  # every layer's bootstrap selection in one pass
+            z = torch.stack(p.prefilled.window_logits)[:, :, -boot.batch_index:, boot.lo:boot.hi]
+            self.runtime.refresh(slice(None), p.row, z)
+        return p.prefilled.logits
+
+    def _first_token(self, p: _Prefill, logits: torch.Tensor) -> PrefillDone:
+        row = self.rows[p.row]
+        req = row.request
+        (token,), (sampled,), logprob = _choose(logits[None], [req])
+        row.length, row.last, row.decoding = len(req.prompt_ids), token, True
+        finished = req.stopper.feed(token)
+        if self.runtime is not None:
+            self.runtime.observe(p.row, token)
+        if finished:
+            del self.rows[p.row]
+        return PrefillDone(p.row, p.started, p.seconds, finished, logprob[0] if logprob else None,
+                           sampled if req.forced else None, len(p.ids) - p.reused, p.reused)
+
+    # -- decode ---------------------------------------------------------------------------------------
+    def step(self) -> StepDone | None:
+        """One decode step for every row that is decoding (None when none is)."""
+        active = [s for s, r in self.rows.items() if r.decoding]
+        if not active:
+            return None
+        started = time.perf_counter()
+        rt = self.runtime
+        lengths = {s: self.rows[s].length for s in active}
+        kinds, captures = rt.kinds(active, lengths) if rt is not None else (None, [])
+        clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
+        slow = [(c.batch_index, c.lo, c.hi) for c in captures]
+        logits = self.static.decode([self.rows[s].last for s in active], active, [lengths[s] for s in active],
+                                    clen, start, slow, probe=self.probe)
+        requests = [self.rows[s].request for s in active]
+        tokens, sampled, logprobs = _choose(logits, requests)
+        seconds = time.perf_counter() - started
+        if rt is not None:
+            rt.record(active, kinds, lengths, seconds)
+        finished = []
+        for slot, token in zip(active, tokens, strict=True):
+            row = self.rows[slot]
+            row.length += 1
+            row.last = token
+            if row.request.stopper.feed(token):
+                finished.append(slot)
+                del self.rows[slot]
+            elif rt is not None:
+                rt.observe(slot, token)
+        event = StepDone(self.steps, active, tokens, finished, seconds, kinds, logprobs, self.static.captured,
+                         sampled if any(r.forced for r in requests) else None)
+        self.steps += 1
+        return event
+
+
+def _choose(logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[int], list[float] | None]:
+    """(tokens fed next, tokens sampled, log p of the fed tokens or None): a row's forced tokens are fed while
+    it has any left, then its own samples."""
+    sampled = sample(logits, [r.sampler for r in requests]).tolist()
+    if not any(r.forced for r in requests):
+        return sampled, sampled, None
+    done = [len(r.stopper.token_ids) for r in requests]
+    tokens = [r.forced[i] if r.forced and i < len(r.forced) else t
+              for r, i, t in zip(requests, done, sampled, strict=True)]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(requests)), tokens].tolist()
+    return tokens, sampled, logprobs
+
+
+def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int = 2048,
+             cache: KVCache | None = None, runtime: SfiRuntime | None = None,
+             prefilled: Sequence[Prefilled] | None = None, cuda_graphs: bool = True,
+             probe=None) -> Iterator[PrefillDone | StepDone]:
+    """Decode `requests` as one batch, row i in slot i: every prompt prefilled, then one step at a time until
+    every row has stopped; each row's tokens accumulate in its StopChecker.
+
+    `prefilled` (with `cache`) skips the prompt forward passes; a request's `forced` tokens are fed before its
+    own samples (teacher forcing) with their log-probabilities reported. Every decode step is a static step
+    (sfi.graphs), replayed from a CUDA graph on a GPU when `cuda_graphs`; `probe` (eval's recall diagnostic)
+    sees every layer's attention, which needs the steps launched op by op."""
+    decoder = Decoder(model, len(requests), cache_length(requests), runtime, prefill_chunk, cuda_graphs, probe,
+                      cache)
+    for slot, req in enumerate(requests):
+        decoder.admit(slot, req, prefilled[slot] if prefilled is not None else None)
+        yield from decoder.prefill()
+    while (event := decoder.step()) is not None:
+        yield event

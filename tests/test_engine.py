@@ -1,0 +1,151 @@
+"""The engine's continuous batching and shared prefixes, end to end through `sfi run` on a tiny checkpoint:
+no job's tokens depend on when it was admitted, on its neighbours, or on whether its prefix was copied."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sfi.config import SfiConfig
+from sfi.engine.decoder import Decoder, Request
+from sfi.engine.scheduler import Sized, plan_buckets, prefix_groups
+from sfi.loader import load_model
+from sfi.method.boundary import FixedPeriod
+from sfi.method.runtime import SfiRuntime
+from sfi.sampling import RowSampler, SamplingParams
+from sfi.stopping import StopChecker
+from sfi_cli.main import main
+
+import tiny
+
+TEXT = tiny.TEXT * 3
+# Different lengths, outputs and samplers: rows finish at different steps, so slots are refilled mid-run.
+JOBS = [{"id": f"j{i}", "prompt": TEXT[i * 37: i * 37 + 60 + 50 * (i % 4)], "max_new_tokens": 6 + 7 * (i % 3)}
+        | ({"temperature": 0.8, "seed": i} if i % 2 else {}) for i in range(7)]
+DOC = TEXT[:700]
+QUESTIONS = [{"id": f"q{i}", "prompt": DOC + f" Question {i}: what is {w}?", "max_new_tokens": 8}
+             for i, w in enumerate(("the fox", "a journey", "the passkey", "Ishmael"))]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny.make_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen3", num_key_value_heads=4))
+
+
+def _run(ckpt, tmp_path, jobs, name, *argv):
+    path = tmp_path / f"{name}.jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = tmp_path / f"{name}.jsonl"
+    assert main(["run", str(path), "-m", ckpt, "-o", str(out), "-q", *argv]) == 0
+    return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+
+def _texts(results):
+    return {k: (v["text"], v["completion_tokens"]) for k, v in results.items()}
+
+
+@pytest.mark.parametrize("recipe", ["dense", "tiny"])
+def test_continuous_batching_equals_decoding_each_job_alone(ckpt, tmp_path, recipe):
+    """Two slots for seven jobs, prompts prefilled 16 tokens per decode step: the same tokens as one job at a
+    time, for dense and for SFI (whose state a refilled slot must not inherit)."""
+    sfi = ["--set", "sfi.k_head=16", "--set", "sfi.recent=8"] if recipe == "tiny" else []
+    alone = _run(ckpt, tmp_path, JOBS, "alone", "-r", recipe, *sfi, "--set", "decode.max_batch_size=1")
+    both = _run(ckpt, tmp_path, JOBS, "both", "-r", recipe, *sfi, "--set", "decode.max_batch_size=2",
+                "--set", "decode.prefill_chunk=16")
+    static = _run(ckpt, tmp_path, JOBS, "static", "-r", recipe, *sfi, "--set", "decode.max_batch_size=2",
+                  "--set", "decode.continuous=false")
+    assert _texts(both) == _texts(alone) == _texts(static)
+    if recipe == "tiny":
+        assert sum(r["sfi"]["sparse"] for r in both.values()) >= 3
+
+
+def test_shared_prefixes_are_prefilled_once_with_identical_outputs(ckpt, tmp_path):
+    plain = _run(ckpt, tmp_path, QUESTIONS, "plain", "--set", "decode.prefix_min_tokens=0")
+    shared = _run(ckpt, tmp_path, QUESTIONS, "shared", "--set", "decode.prefix_min_tokens=32")
+    assert _texts(shared) == _texts(plain)
+    tok = tiny.tokenizer()
+    ids = [tok(q["prompt"])["input_ids"] for q in QUESTIONS]
+    common = min(next(i for i, (a, b) in enumerate(zip(x, ids[0], strict=False)) if a != b) for x in ids[1:])
+    # One job computes the prefix; the other three copy it, short of their own last 16 (the bootstrap window).
+    copied = [r for r in shared.values() if r["prefill_tokens_reused"]]
+    assert len(copied) == 3 and all(r["prefill_tokens_reused"] == min(common, r["prompt_tokens"] - 16) for r in copied)
+    for r in shared.values():
+        assert r["prefill_tokens_computed"] + r["prefill_tokens_reused"] == r["prompt_tokens"]
+    assert all(r["prefill_tokens_reused"] == 0 for r in plain.values())
+
+
+def test_a_refilled_slot_starts_clean(ckpt):
+    """One slot, an SFI job that refreshed its memory, then another job: the second's tokens are those it
+    gets in a fresh decoder."""
+    lm = load_model(ckpt, device="cpu")
+    cfg = SfiConfig(sink=4, k_head=16, recent=8)
+    ids = tiny.tokenizer()(TEXT)["input_ids"]
+
+    def request(n, offset):
+        return Request(ids[offset:offset + n], RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), 12))
+
+    def decode(decoder, req):
+        decoder.admit(0, req)
+        decoder.prefill()
+        while decoder.step() is not None:
+            pass
+        return req.stopper.token_ids
+
+    def fresh():
+        rt = SfiRuntime(cfg, FixedPeriod(4), 1, lm.args.kv_bytes_per_token(lm.model.dtype))
+        return Decoder(lm.model, 1, 400, rt), rt
+
+    shared, rt = fresh()
+    decode(shared, request(300, 0))
+    assert rt.stats[0].slow > 1
+    second = decode(shared, request(150, 40))
+    assert rt.stats[0].slow_steps[0] == 0 and len(rt.stats[0].fractions) == 12  # its own stats only
+    assert second == decode(fresh()[0], request(150, 40))
+
+
+def test_prefix_groups_and_buckets():
+    prompts = [[1, 2, 3, 4, 5, 6], [9, 9], [1, 2, 3, 4, 7, 8, 9], [1, 2, 3, 0], [9, 9, 1]]
+    groups, shared = prefix_groups(prompts, min_shared=2, keep=1)
+    assert groups[0] == groups[2] == groups[3] >= 0 and groups[1] == groups[4] >= 0 and groups[0] != groups[1]
+    assert shared == [3, 0, 3, 3, 2]  # common prefix 3 (1, 2, 3); [9, 9] must keep its last token: 1 < 2
+    items = [Sized(i, n) for i, n in enumerate([100, 3000, 120, 90, 2900])]
+    buckets, too_big = plan_buckets(items, 1, 10_000, 8, groups)
+    assert not too_big
+    assert [[it.item for it in b.items] for b in buckets] == [[1, 4], [0, 2, 3]]  # a group stays together
+    assert buckets[0].slots == 2 and buckets[0].max_tokens == 3000
+
+
+def test_kill_9_then_resume_loses_and_duplicates_nothing(ckpt, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(j | {"max_new_tokens": 40}) + "\n" for j in JOBS))
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "sfi_cli.main", "run", str(jobs), "-m", ckpt, "-o", str(out), "-q",
+            "--set", "decode.max_batch_size=2"]
+    proc = subprocess.Popen(argv)
+    deadline = time.monotonic() + 240
+    while (not out.exists() or out.read_text().count("\n") < 2) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(out.read_text().splitlines())
+    assert subprocess.run(argv, timeout=300).returncode == 0
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(j["id"] for j in JOBS) and done_before < len(JOBS)
+
+
+def test_time_split_and_rates_in_the_report(ckpt, tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in JOBS))
+    report = tmp_path / "r.json"
+    assert main(["run", str(path), "-m", ckpt, "-o", str(tmp_path / "o.jsonl"), "-q", "--report", str(report)]) == 0
+    t = json.loads(report.read_text())["timing"]
+    assert t["prefill_s"] > 0 and t["decode_s"] > 0 and t["idle_s"] >= 0
+    assert t["load_s"] + t["prefill_s"] + t["decode_s"] + t["idle_s"] == pytest.approx(t["elapsed_s"], abs=0.01)
+    assert t["jobs_per_hour"] == pytest.approx(len(JOBS) * 3600 / t["elapsed_s"], rel=0.01)
+    assert t["end_to_end_tok_s"] > 0
