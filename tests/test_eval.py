@@ -117,7 +117,10 @@ def test_covering_budget_matches_dense_and_small_budget_reads_less(lm):
     assert "recall" not in cells[("dense", "nll")]  # no fast steps
 
 
-def test_fidelity_against_dense(lm):
+def test_fidelity_against_dense(lm, monkeypatch):
+    import sfi.tools.eval
+
+    monkeypatch.setattr(sfi.tools.eval, "FIDELITY_TOKENS", 64)  # the mechanism, not the 256-token length
     recipes = ["dense", "tiny:sfi.dense_within_budget=false,sfi.k_head=5000", "tiny:sfi.k_head=16,sfi.recent=16"]
     cells = {c.recipe: c.summary() for c in evaluate(lm, recipes, ["fidelity"], [200], trials=2, batch=2)}
     assert cells["dense"]["agreement"] == 1.0 and cells["dense"]["top1"] == 1.0

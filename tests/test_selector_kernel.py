@@ -81,14 +81,11 @@ ABLATIONS = {
     "wide_nms": dict(nms_radius=5, nms_strength=0.4, excl_weight=2.0),
     "radius_1": dict(nms_radius=1),
     "radius_40": dict(nms_radius=40, nms_strength=2.0),  # windows wider than most domains
-    # span pooling: a power-of-two window (one pair of tiles), others (two pairs), blocks, both, alone
-    "successors_8": dict(span_successors=8),
+    # span pooling (ours: successors 8, a power of two, is one pair of tiles): other windows take two pairs;
+    # blocks, both, and pooling alone
     "successors_5": dict(span_successors=5),
-    "successors_1": dict(span_successors=1),
-    "block_4": dict(span_block=4),
     "successors_3_block_16": dict(span_successors=3, span_block=16),
-    "span_only": dict(use_prior=False, use_nms=False, use_exclusivity=False, span_successors=6, span_block=2),
-    "span_wider_than_domain": dict(span_successors=70, span_block=64),
+    "span_only": dict(use_prior=False, use_nms=False, use_exclusivity=False, span_successors=70, span_block=64),
 }
 
 
