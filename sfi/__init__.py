@@ -27,6 +27,8 @@ def _import_kernels_from_source_tree() -> None:
     )
     if spec is None or spec.loader is None:
         return
+    # Lazily: the kernels import torch, which `sfi --help` and a refused lock must not pay for.
+    spec.loader = importlib.util.LazyLoader(spec.loader)
     module = importlib.util.module_from_spec(spec)
     sys.modules["sfi_kernels"] = module
     spec.loader.exec_module(module)
