@@ -79,3 +79,29 @@ def test_default_model_end_to_end_finds_passkey(tmp_path):
     assert "Paris" in got["france"]["text"]
     assert got["passkey"]["prompt_tokens"] > 1500
     assert "58413" in got["passkey"]["text"]
+
+
+def test_continuous_batching_on_the_default_model(tmp_path):
+    """Two slots for five jobs (one document asked three questions, sharing its prefix, and two others), SFI with
+    the default recipe: the same text per job as one job at a time with no prefix reuse."""
+    doc = prose(3000, 5)
+    jobs = [{"id": f"q{i}", "messages": [{"role": "user", "content": doc + f"\n\nQuestion: {q}"}],
+             "max_new_tokens": 16 + 4 * i}
+            for i, q in enumerate(("What is this about?", "Name one keyword.", "Is anything deprecated?"))]
+    jobs += [{"id": "capital", "messages": [{"role": "user", "content": "What is the capital of Italy?"}],
+              "max_new_tokens": 12},
+             {"id": "long", "prompt": prose(5000, 9), "max_new_tokens": 20}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+
+    def run(name, *sets):
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["run", str(path), "-o", str(out), "-q", "--set", "decode.prefill_chunk=256"]
+        assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
+        return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+    alone = run("alone", "decode.max_batch_size=1", "decode.prefix_min_tokens=0")
+    both = run("both", "decode.max_batch_size=2")
+    assert {k: r["text"] for k, r in both.items()} == {k: r["text"] for k, r in alone.items()}
+    assert sum(r["prefill_tokens_reused"] > 0 for r in both.values()) == 2
+    assert sum(r["sfi"]["sparse"] for r in both.values()) >= 3  # SFI engaged on the long prompts
