@@ -60,17 +60,16 @@ def capture_ref(q: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, capt
 
 def _gather_keys(cache: torch.Tensor, compact: torch.Tensor, rows: torch.Tensor, compact_len: torch.Tensor,
                  span_start: torch.Tensor, span_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, Hkv, L, D] keys (compact then span, padded) and their count per row: the reference's input."""
+    """[B, Hkv, L, D] keys (compact then span, zero-padded) and their count per row: the reference's input.
+    Two slice copies per row (a CPU step's rows are few; an index gather over [B, L] costs far more)."""
     lengths = compact_len + span_len
     width = int(lengths.max()) if lengths.numel() else 0
-    j = torch.arange(width, device=cache.device)[None, :]  # [1, L]
-    in_compact = j < compact_len[:, None]
-    pos_c = j.clamp(max=compact.shape[2] - 1).expand(len(rows), -1)
-    pos_s = (span_start[:, None] + j - compact_len[:, None]).clamp(0, cache.shape[2] - 1)
-    from_c = compact[rows[:, None], :, pos_c]  # [B, L, Hkv, D]
-    from_s = cache[rows[:, None], :, pos_s]
-    keys = torch.where(in_compact[..., None, None], from_c, from_s).transpose(1, 2)
-    return keys, lengths
+    out = cache.new_zeros(len(rows), cache.shape[1], width, cache.shape[3])
+    for b, (r, c, s, n) in enumerate(zip(*(t.tolist() for t in (rows, compact_len, span_start, span_len)),
+                                         strict=True)):
+        out[b, :, :c] = compact[r, :, :c]
+        out[b, :, c:c + n] = cache[r, :, s:s + n]
+    return out, lengths
 
 
 def ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
