@@ -1,9 +1,12 @@
 """Markdown tables for the README from `sfi eval --json` files (so no figure is typed by hand).
 
 Usage: PYTHONPATH=. python bench/eval_tables.py RESULT.json [...] [--recipes 'SPEC;SPEC'] [--names 'LABEL=SPEC;...']
+       PYTHONPATH=. python bench/eval_tables.py CPU.json --against GPU.json [--names 'LABEL=SPEC;...']
 Prints one table: recipes down; retrieval cells as correct/trials (dense with its 95% Wilson interval, * outside
 it), NLL as the change against dense, fidelity as the NLL change and the token agreement; attended at the longest
 length; the recall diagnostic (mean share of dense attention mass held by fast steps, nll task, longest length).
+With --against: the same retrieval cells on two devices, trial by trial (the second file's first n trials, n the
+first file's trial count; the eval seeds every trial by its index, so trial i is the same prompt in both).
 """
 
 from __future__ import annotations
@@ -54,16 +57,37 @@ def table(rows: list[dict], recipes: list[str], lengths: list[int], names: dict[
     return "\n".join(out)
 
 
+def agreement(mine: list[dict], theirs: list[dict], names: dict[str, str]) -> str:
+    """Per retrieval cell of `mine`: correct here, correct in `theirs` over the same trials, same-trial verdicts.
+    A recipe spec of `theirs` renamed to a label in `names` is matched to `mine`'s recipe of that label."""
+    other = {(names.get(r["recipe"], r["recipe"]), r["task"], r["length"]): r for r in theirs}
+    out = ["| recipe | task | length | trials | here | there | same verdict |", "|" + " --- |" * 7]
+    for r in mine:
+        o = other.get((r["recipe"], r["task"], r["length"]))
+        if r["task"] not in RETRIEVAL or o is None:
+            continue
+        n = len(r["values"])
+        there = o["values"][:n]
+        same = sum(a == b for a, b in zip(r["values"], there, strict=True))
+        out.append(f"| {r['recipe']} | {r['task']} | {r['length'] // 1024}k | {n} | {r['correct']} | "
+                   f"{sum(there):.0f} | {same}/{n} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+")
     ap.add_argument("--recipes", help="recipe specs separated by ';', in order (default: all)")
     ap.add_argument("--names", default="", help="label=spec;label=spec to rename rows")
     ap.add_argument("--lengths", default="2048,4096,7168")
+    ap.add_argument("--against", help="a second result file: compare its retrieval cells trial by trial")
     a = ap.parse_args()
     rows = load(a.results)
-    recipes = a.recipes.split(";") if a.recipes else list(dict.fromkeys(r["recipe"] for r in rows))
     names = {spec: label for label, spec in (item.split("=", 1) for item in a.names.split(";") if "=" in item)}
+    if a.against:
+        print(agreement(rows, load([a.against]), names))
+        return
+    recipes = a.recipes.split(";") if a.recipes else list(dict.fromkeys(r["recipe"] for r in rows))
     print(table(rows, recipes, [int(n) for n in a.lengths.split(",")], names))
 
 

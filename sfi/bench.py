@@ -69,9 +69,13 @@ def write_checkpoint(preset: str, folder: Path, tokenizer_dir: Path, device: tor
     user's checkpoint. `overrides` change the preset's config (tests shrink it)."""
     import shutil
 
+    from tokenizers import Tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(PRESETS[preset]) | overrides
+    # Every id the tokenizer can produce needs an embedding row (the tiny preset's 1,024 would not do).
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    spec["vocab_size"] = max(spec["vocab_size"], vocab)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it will be saved from: a CPU init of 4B parameters is slow

@@ -53,9 +53,10 @@ def test_chat_template_enable_thinking(qwen3):
 
 
 def test_a_random_qwen3_checkpoint_runs_like_a_users(tmp_path):
-    folder = write_checkpoint("qwen3-4b", tmp_path / "ckpt", qwen3_tokenizer_dir(), hidden_size=64,
-                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=16, max_position_embeddings=1024)
+    # The tiny preset's own vocabulary (1,024) is smaller than the tokenizer's: the checkpoint must cover it.
+    folder = write_checkpoint("qwen3-tiny", tmp_path / "ckpt", qwen3_tokenizer_dir(), hidden_size=64,
+                              intermediate_size=128, head_dim=16, max_position_embeddings=1024)
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] >= 151643
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "q", "messages": [{"role": "user", "content": "Why is the sky blue?"}],
                                 "chat_template_kwargs": {"enable_thinking": False}, "max_new_tokens": 5}) + "\n")
