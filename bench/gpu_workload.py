@@ -3,9 +3,9 @@
     python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny]
 
 1. Shared prefixes: one 32k-token document asked 1 question, then 8 questions (with and without prefix reuse),
-   the default recipe: prefill seconds and tokens computed/reused.
-2. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
-3. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches.
+   the default recipe: prefill seconds and tokens computed/reused, and a profile of the 8-question run.
+2. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches.
+3. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
 
 The JSON is rewritten after every run, so a call cut short still brings back what finished. `--tiny` shrinks
 every size so the script can be tried on a CPU with a tiny checkpoint first.
@@ -52,6 +52,7 @@ def main() -> None:
                "prefill_s": round(s.prefill_s, 3), "decode_s": round(s.decode_s, 3),
                "prefill_tokens_computed": s.prefill_tokens_computed, "prefill_tokens_reused": s.prefill_tokens_reused,
                "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens}
+        row["per_job_prefill_s"] = {r["id"]: r["timing"]["prefill_s"] for r in texts if "timing" in r}
         print(name, row, flush=True)
         return row | {"_texts": {r["id"]: r.get("text") for r in texts}}
 
@@ -75,22 +76,23 @@ def main() -> None:
     prefix["ratio_to_one_plus_questions"] = round(eight["prefill_s"] / floor, 3)
     result["shared_prefix"] = prefix
     save()
+    try:  # where the followers' prefill time goes: the 8-question run once more, under the profiler
+        import torch
+        from torch.profiler import ProfilerActivity, profile
 
-    # 2. Determinism: 4 jobs alone, then the same 4 inside the first 16 of the mix (greedy, short answers).
-    mix = mix_jobs(tok, n_jobs=mix_n, **({"documents": 1, "questions": 2, "lengths": (256, 1024),
-                                          "document_lengths": (1024, 1500), "new_tokens": (4, 24)} if tiny else {}))
-    probe = [dict(j, max_new_tokens=32) for j in mix[:4]]
-    alone = {}
-    for j in probe:
-        alone |= once([j], f"alone-{j['id']}")["_texts"]
-    batch = [dict(j, max_new_tokens=32) for j in mix[:16]]
-    together = once(batch, "together")["_texts"]
-    result["determinism"] = {"jobs": [j["id"] for j in probe], "batch": len(batch),
-                             "identical": sum(alone[k] == together[k] for k in alone)}
-    print("determinism", result["determinism"], flush=True)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            once(ask, "profiled")
+        key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        prefix["profile"] = prof.key_averages().table(sort_by=key, row_limit=30)
+        prefix["profile_cpu"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    except Exception as exc:  # the profile is a diagnostic: its failure must not cost the measurements
+        prefix["profile"] = f"failed: {exc!r}"
     save()
 
-    # 3. The mix: default and dense, continuous and static.
+    mix = mix_jobs(tok, n_jobs=mix_n, **({"documents": 1, "questions": 2, "lengths": (256, 1024),
+                                          "document_lengths": (1024, 1500), "new_tokens": (4, 24)} if tiny else {}))
+    # 2. The mix: default and dense, continuous and static.
     path = tmp / "mix.jsonl"
     write_jobs(path, mix)
     result["mix"] = {"jobs": len(mix), "runs": []}
@@ -106,9 +108,22 @@ def main() -> None:
         "dense continuous / static": round(by[("dense", True)] / by[("dense", False)], 3),
         "default / dense (continuous)": round(by[("default", True)] / by[("dense", True)], 3),
         "default / dense (static)": round(by[("default", False)] / by[("dense", False)], 3)}
-    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     print(json.dumps(result["mix"]["ratios"]), flush=True)
+    # 3. Determinism: 4 jobs alone, then the same 4 inside the first 16 of the mix (greedy, short answers).
+    probe = [dict(j, max_new_tokens=32) for j in mix[:4]]
+    alone = {}
+    for j in probe:
+        alone |= once([j], f"alone-{j['id']}")["_texts"]
+    batch = [dict(j, max_new_tokens=32) for j in mix[:16]]
+    together = once(batch, "together")["_texts"]
+    result["determinism"] = {"jobs": [j["id"] for j in probe], "batch": len(batch),
+                             "identical": sum(alone[k] == together[k] for k in alone)}
+    print("determinism", result["determinism"], flush=True)
+    save()
+
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
 
 
 if __name__ == "__main__":

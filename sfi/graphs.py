@@ -10,7 +10,10 @@ group's last attention (see sfi.method.refresh), and are part of the graph.
 One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row
 and the batch (`default_split`), the split count is the number of splits of the longest row rounded up
 (`_bucket`), so a growing batch keeps its graph for long stretches, and splits past a row's end cost an
-empty block each.
+empty block each. With graphs, every step runs all of the cache's rows: rows that are not decoding (free,
+or still prefilling) ride along as padding that reads and writes only their row's last position, which no
+real token has reached yet. Under continuous batching the number of decoding rows changes all the time;
+padded, the batch size never does, so graphs are not captured again for every new count.
 """
 
 from __future__ import annotations
@@ -85,10 +88,11 @@ class StaticDecoder:
     and replayed."""
 
     def __init__(self, model: Transformer, cache: KVCache, memory: SparseMemory | None, graphs: bool,
-                 params: SelectorParams | None = None, dense_layers: int = 0) -> None:
+                 params: SelectorParams | None = None, dense_layers: int = 0, pad: bool | None = None) -> None:
         self.model, self.cache, self.memory, self.params = model, cache, memory, params
         self.dense_layers = min(dense_layers, model.args.n_layers) if memory is not None else 0
         self.graphs = graphs and model.device.type == "cuda"
+        self.pad = self.graphs if pad is None else pad  # run every cache row (see the module's docstring)
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[_Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -103,6 +107,14 @@ class StaticDecoder:
         index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
         refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
         layer's attention; such steps are launched op by op."""
+        n = len(rows)
+        if self.pad and n < self.cache.batch and probe is None:
+            busy = set(rows)
+            idle = [r for r in range(self.cache.batch) if r not in busy]
+            last = self.cache.max_len - 1
+            tokens, rows = [*tokens, *[0] * len(idle)], [*rows, *idle]
+            positions, span_start = [*positions, *[last] * len(idle)], [*span_start, *[last] * len(idle)]
+            compact_len = [*compact_len, *[0] * len(idle)]
         b = len(rows)
         buf = self._buffers.get(b)
         if buf is None:
@@ -142,13 +154,13 @@ class StaticDecoder:
             refresh = refresh.for_step(len(slow))
         if not self.graphs or probe is not None:
             self.captured = False
-            return self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))
+            return self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))[:n]
         self.captured = shape not in self._graphs
         if self.captured:
             self._graphs[shape] = self._capture(buf, shape, refresh)
         graph, logits = self._graphs[shape]
         graph.replay()
-        return logits
+        return logits[:n]
 
     def _refresh(self, buf: _Buffers, batch: int, max_keys: int) -> StepRefresh:
         if self.memory is None or self.params is None:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from sfi.config import SfiConfig
 from sfi.engine.decoder import Decoder, Request
@@ -108,6 +109,41 @@ def test_a_refilled_slot_starts_clean(ckpt):
     assert second == decode(fresh()[0], request(150, 40))
 
 
+def test_padding_idle_slots_leaves_every_rows_tokens_unchanged(ckpt, monkeypatch):
+    """With CUDA graphs every step runs all slots, idle ones as padding (sfi.graphs): forced on here, the decoding
+    rows' tokens are those of unpadded steps, through admissions, slow steps and finished rows."""
+    lm = load_model(ckpt, device="cpu")
+    cfg = SfiConfig(sink=4, k_head=16, recent=8)
+    ids = tiny.tokenizer()(TEXT)["input_ids"]
+    outs: list[torch.Tensor] = []
+    decode = lm.model.decode
+    monkeypatch.setattr(lm.model, "decode", lambda *a: outs.append(decode(*a).clone()) or outs[-1])
+
+    def run(pad: bool) -> tuple[list[list[int]], list[int]]:
+        rt = SfiRuntime(cfg, FixedPeriod(4), 3, lm.args.kv_bytes_per_token(lm.model.dtype))
+        decoder = Decoder(lm.model, 3, 400, rt, prefill_chunk=32)  # prompts prefilled while others decode
+        decoder.static.pad = pad
+        reqs = [Request(ids[o:o + n], RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), m))
+                for o, n, m in ((0, 200, 6), (5, 120, 14), (9, 260, 9), (3, 90, 12))]
+        queue, logits = list(reqs), []
+        outs.clear()
+        while queue or decoder.busy:
+            for slot in decoder.free[:1]:  # one admission per step: the decoding count keeps changing
+                if queue:
+                    decoder.admit(slot, queue.pop(0))
+            decoder.prefill(32)
+            if (event := decoder.step()) is not None:
+                logits.append(outs[-1][:len(event.rows)])
+        return [r.stopper.token_ids for r in reqs], logits, [len(o) for o in outs]
+
+    padded, padded_logits, widths = run(True)
+    plain, plain_logits, _ = run(False)
+    assert min(len(x) for x in plain_logits) < 3 and set(widths) == {3}  # fewer rows decoding, every step 3 wide
+    assert [len(t) for t in plain] == [6, 14, 9, 12] and padded == plain
+    for a, b in zip(padded_logits, plain_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prefix_groups_and_buckets():
     prompts = [[1, 2, 3, 4, 5, 6], [9, 9], [1, 2, 3, 4, 7, 8, 9], [1, 2, 3, 0], [9, 9, 1]]
     groups, shared = prefix_groups(prompts, min_shared=2, keep=1)
@@ -118,6 +154,19 @@ def test_prefix_groups_and_buckets():
     assert not too_big
     assert [[it.item for it in b.items] for b in buckets] == [[1, 4], [0, 2, 3]]  # a group stays together
     assert buckets[0].slots == 2 and buckets[0].max_tokens == 3000
+
+
+def test_continuous_buckets_take_shorter_jobs_while_memory_keeps_them_wide():
+    items = [Sized(i, 3000) for i in range(4)] + [Sized(4 + i, 300) for i in range(6)]
+    static, _ = plan_buckets(items, 1, 30_000, 8)
+    assert [(len(b.items), b.slots) for b in static] == [(4, 4), (6, 6)]
+    # Room for 10 rows of 3,000: the short jobs fill the long bucket's free slots (8 rows, not 4 then 6).
+    merged, _ = plan_buckets(items, 1, 30_000, 8, continuous=True)
+    assert [(len(b.items), b.slots, b.max_tokens) for b in merged] == [(10, 8, 3000)]
+    assert [it.tokens for it in merged[0].items] == [3000] * 4 + [300] * 6  # longest first
+    # Room for 2 rows of 3,000 only: the short jobs would run 2 at a time there, so they keep their own bucket.
+    tight, _ = plan_buckets(items, 1, 6_000, 8, continuous=True)
+    assert [(len(b.items), b.slots) for b in tight] == [(4, 2), (6, 6)]
 
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(ckpt, tmp_path):

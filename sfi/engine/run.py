@@ -431,7 +431,7 @@ class Runner:
             groups, shared = prefix_groups([it.item.prompt.ids for it in sized], d.prefix_min_tokens, keep)
             for it, g, n in zip(sized, groups, shared, strict=True):
                 it.item.group, it.item.shared = g, n
-        buckets, too_big = plan_buckets(sized, bpt, budget, d.max_batch_size, groups)
+        buckets, too_big = plan_buckets(sized, bpt, budget, d.max_batch_size, groups, d.continuous)
         for it in too_big:
             need = it.tokens * bpt / 2**30
             self._fail(writer, it.item.job.id, f"needs {need:.2f} GiB of KV cache for {it.tokens} tokens; "

@@ -55,10 +55,17 @@ class Bucket(Generic[T]):
 
 
 def plan_buckets(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, max_batch_size: int,
-                 groups: Sequence[int] | None = None) -> tuple[list[Bucket[T]], list[Sized[T]]]:
+                 groups: Sequence[int] | None = None,
+                 continuous: bool = False) -> tuple[list[Bucket[T]], list[Sized[T]]]:
     """(buckets, too_big): longest bucket first; each bucket's rows fit `budget` bytes of KV together. Items
     sharing a `groups` id (a shared prefix; -1 = none) land in one bucket, consecutively. Items whose single-row
-    cache exceeds the budget come back in `too_big`."""
+    cache exceeds the budget come back in `too_big`.
+
+    With `continuous` (a finished row's slot takes the bucket's next job), a shorter length class joins the
+    bucket before it while that bucket's rows are at least half as many as the class could run alone: its jobs
+    then fill slots that would otherwise idle while the longer jobs finish, instead of waiting for a batch of
+    their own. Length classes alone (static batches) keep every batch as wide as memory allows but decode
+    each to its longest job."""
     groups = list(groups) if groups is not None else [-1] * len(items)
     too_big = [it for it in items if it.tokens * bytes_per_token > budget]
     # A group's bucket is its longest member's.
@@ -74,12 +81,20 @@ def plan_buckets(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, m
         # Longest first within a bucket; a group's members together, at its longest member's place.
         rank = -(group_tokens[g] if g >= 0 else it.tokens)
         by_bucket.setdefault(key, []).append((rank, g if g >= 0 else -1 - order, it))
-    buckets = []
+    def slots(n: int, longest: int) -> int:
+        return max(1, min(max_batch_size, n, budget // (longest * bytes_per_token)))
+
+    buckets: list[Bucket[T]] = []
     for key in sorted(by_bucket, reverse=True):
         members = [it for _, _, it in sorted(by_bucket[key], key=lambda m: (m[0], m[1]))]
         longest = max(it.tokens for it in members)
-        slots = max(1, min(max_batch_size, len(members), budget // (longest * bytes_per_token)))
-        buckets.append(Bucket(members, slots, longest))
+        last = buckets[-1] if buckets else None
+        if continuous and last is not None and 2 * slots(len(last.items) + len(members), last.max_tokens) >= \
+                slots(len(members), longest):
+            last.items += members
+            last.slots = slots(len(last.items), last.max_tokens)
+            continue
+        buckets.append(Bucket(members, slots(len(members), longest), longest))
     return buckets, too_big
 
 
