@@ -1,6 +1,6 @@
 """One device call's worth of `sfi run` throughput measurements (the continuous-batching issue), as JSON.
 
-    python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny]
+    python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny] [--skip prefix,profile,mix,determinism]
 
 1. Shared prefixes: one 32k-token document asked 1 question, then 8 questions (with and without prefix reuse),
    the default recipe: prefill seconds and tokens computed/reused, and a profile of the 8-question run.
@@ -30,6 +30,7 @@ from sfi.tools.workload import QUESTIONS, mix_jobs, run_workload, write_jobs
 def main() -> None:
     out, model = Path(sys.argv[1]), sys.argv[2]
     tiny = "--tiny" in sys.argv[3:]
+    skip = set(sys.argv[sys.argv.index("--skip") + 1].split(",")) if "--skip" in sys.argv else set()
     doc_tokens, answer, mix_n = (1500, 4, 6) if tiny else (32768, 16, 64)
     result: dict = {"model": model, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -62,7 +63,23 @@ def main() -> None:
     ask = [{"id": f"q{i}", "prompt": f"{doc}\n\nQuestion: {QUESTIONS[i]}\nAnswer:", "max_new_tokens": answer}
            for i in range(8)]
     once(ask[:1], "warmup")  # compilation and autotuning, not timed
-    prefix = {"document_tokens": len(tok.encode(doc)), "max_new_tokens": answer}
+    if "prefix" not in skip:
+        result["shared_prefix"] = shared_prefix(once, ask, len(tok.encode(doc)), answer, "profile" not in skip)
+        save()
+    mix = mix_jobs(tok, n_jobs=mix_n, **({"documents": 1, "questions": 2, "lengths": (256, 1024),
+                                          "document_lengths": (1024, 1500), "new_tokens": (4, 24)} if tiny else {}))
+    if "mix" not in skip:
+        result["mix"] = {"jobs": len(mix), "runs": []}
+        workload(tmp, mix, model, result, save)
+    if "determinism" not in skip:
+        result["determinism"] = determinism(once, mix)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
+
+
+def shared_prefix(once, ask: list[dict], document_tokens: int, answer: int, profiled: bool) -> dict:
+    """One document asked one question, then 8 (with and without reuse): prefill seconds and tokens."""
+    prefix = {"document_tokens": document_tokens, "max_new_tokens": answer}
     for name, jobs, overrides in (("one question", ask[:1], ()), ("8 questions", ask, ()),
                                   ("8 questions, no prefix reuse", ask, ("decode.prefix_min_tokens=0",))):
         row = once(jobs, name.replace(" ", "-").replace(",", ""), *overrides)
@@ -74,8 +91,8 @@ def main() -> None:
     floor = one["prefill_s"] + question_tokens * per_token  # one document's prefill plus the questions' tokens
     prefix["target_s"] = round(1.3 * floor, 3)
     prefix["ratio_to_one_plus_questions"] = round(eight["prefill_s"] / floor, 3)
-    result["shared_prefix"] = prefix
-    save()
+    if not profiled:
+        return prefix
     try:  # where the followers' prefill time goes: the 8-question run once more, under the profiler
         import torch
         from torch.profiler import ProfilerActivity, profile
@@ -88,14 +105,13 @@ def main() -> None:
         prefix["profile_cpu"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
     except Exception as exc:  # the profile is a diagnostic: its failure must not cost the measurements
         prefix["profile"] = f"failed: {exc!r}"
-    save()
+    return prefix
 
-    mix = mix_jobs(tok, n_jobs=mix_n, **({"documents": 1, "questions": 2, "lengths": (256, 1024),
-                                          "document_lengths": (1024, 1500), "new_tokens": (4, 24)} if tiny else {}))
-    # 2. The mix: default and dense, continuous and static.
+
+def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None:
+    """The mix: default and dense, continuous and static batches."""
     path = tmp / "mix.jsonl"
     write_jobs(path, mix)
-    result["mix"] = {"jobs": len(mix), "runs": []}
     for recipe in ("default", "dense"):
         for continuous in (True, False):
             w = run_workload(str(path), model, (recipe,), (continuous,), progress=lambda t: print(t, flush=True))
@@ -110,20 +126,20 @@ def main() -> None:
         "default / dense (static)": round(by[("default", False)] / by[("dense", False)], 3)}
     save()
     print(json.dumps(result["mix"]["ratios"]), flush=True)
-    # 3. Determinism: 4 jobs alone, then the same 4 inside the first 16 of the mix (greedy, short answers).
+
+
+def determinism(once, mix: list[dict]) -> dict:
+    """4 jobs alone, then the same 4 inside the first 16 of the mix (greedy, short answers): identical texts."""
     probe = [dict(j, max_new_tokens=32) for j in mix[:4]]
     alone = {}
     for j in probe:
         alone |= once([j], f"alone-{j['id']}")["_texts"]
     batch = [dict(j, max_new_tokens=32) for j in mix[:16]]
     together = once(batch, "together")["_texts"]
-    result["determinism"] = {"jobs": [j["id"] for j in probe], "batch": len(batch),
-                             "identical": sum(alone[k] == together[k] for k in alone)}
-    print("determinism", result["determinism"], flush=True)
-    save()
-
-    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save()
+    verdict = {"jobs": [j["id"] for j in probe], "batch": len(batch),
+               "identical": sum(alone[k] == together[k] for k in alone)}
+    print("determinism", verdict, flush=True)
+    return verdict
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ others. Slow rows' refreshes run inside the step, a group of layers at a time on
 group's last attention (see sfi.method.refresh), and are part of the graph.
 
 One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row
-and the batch (`default_split`), the split count is the number of splits of the longest row rounded up
+and the rows decoding (`default_split`), the split count is the number of splits of the longest row rounded up
 (`_bucket`), so a growing batch keeps its graph for long stretches, and splits past a row's end cost an
 empty block each. With graphs, every step runs all of the cache's rows: rows that are not decoding (free,
 or still prefilling) ride along as padding that reads and writes only their row's last position, which no
@@ -120,7 +120,7 @@ class StaticDecoder:
         if buf is None:
             buf = self._buffers[b] = _Buffers(self.model, b)
         span = [p + 1 - s for p, s in zip(positions, span_start, strict=True)]
-        heads = b * self.cache.k.shape[2]
+        heads = n * self.cache.k.shape[2]  # the split fits the rows that decode, not the padding
         max_keys, split = _capacity(max(c + s for c, s in zip(compact_len, span, strict=True)), heads)
         dense_keys, dense_split = _capacity(max(positions) + 1, heads) if self.dense_layers else (0, 0)
         shape = _Shape(b, max_keys, split, len(slow), self.dense_layers, dense_keys, dense_split)
