@@ -90,7 +90,9 @@ class Reporter:
                      + (f", {s.invalid_lines} bad line(s)" if s.invalid_lines else "")),
             ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
             ("time", f"load {s.load_s:.1f}s, prefill {s.prefill_s:.1f}s, decode {s.decode_s:.1f}s "
-                     f"({s.decode_tok_s:,.1f} tok/s), other {s.idle_s:.1f}s; {s.end_to_end_tok_s:,.1f} tok/s and "
+                     f"({s.decode_tok_s:,.1f} tok/s), "
+                     + (f"dense comparison {s.compare_s:.1f}s, " if s.compare_s else "")
+                     + f"other {s.idle_s:.1f}s; {s.end_to_end_tok_s:,.1f} tok/s and "
                      f"{s.jobs_per_hour:,.0f} jobs/hour end to end"),
             *([("prefill", f"{s.prefill_tokens_computed:,} tokens computed, {s.prefill_tokens_reused:,} reused "
                            "from shared prefixes")] if s.prefill_tokens_reused else []),
@@ -244,7 +246,8 @@ def write_report(path: Path, summary: RunSummary) -> None:
                  "skipped": summary.skipped, "invalid_lines": summary.invalid_lines},
         "tokens": {"prompt": summary.prompt_tokens, "completion": summary.completion_tokens},
         "timing": {"load_s": round(summary.load_s, 3), "prefill_s": round(summary.prefill_s, 3),
-                   "decode_s": round(summary.decode_s, 3), "idle_s": round(summary.idle_s, 3),
+                   "decode_s": round(summary.decode_s, 3), "compare_s": round(summary.compare_s, 3),
+                   "idle_s": round(summary.idle_s, 3),
                    "elapsed_s": round(summary.elapsed_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2),
                    "end_to_end_tok_s": round(summary.end_to_end_tok_s, 2),
                    "jobs_per_hour": round(summary.jobs_per_hour, 1)},

@@ -10,6 +10,10 @@ import torch
 # Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`-n N`) each worker takes one core's share: N workers with every core's threads each
+# would oversubscribe the machine (slower than one worker).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from sfi.default_model import default_model_dir
 

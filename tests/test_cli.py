@@ -273,8 +273,13 @@ def test_sfi_reports_and_compare_dense(ckpt, tmp_path):
         assert 0 <= cmp["token_agreement"] <= 1 and isinstance(cmp["identical"], bool)
         assert cmp["identical"] == (cmp["token_agreement"] == 1.0)
         assert cmp["dense_decode_tok_s"] > 0
-    rep = json.loads(report.read_text())["sfi"]
+    whole = json.loads(report.read_text())
+    rep, t = whole["sfi"], whole["timing"]
     assert rep["fast_steps"] == sum(r["sfi"]["fast_steps"] for r in read_out(out))
+    # The dense pass has its own line in the time split, not "other".
+    assert t["compare_s"] > 0 and t["idle_s"] < t["compare_s"]
+    split = t["load_s"] + t["prefill_s"] + t["decode_s"] + t["compare_s"] + t["idle_s"]
+    assert split == pytest.approx(t["elapsed_s"], abs=0.01)
     dense_out = tmp_path / "dense.jsonl"
     assert main(["run", jobs, "-m", ckpt, "-o", str(dense_out), "-r", "dense", "-q"]) == 0
     for r in read_out(dense_out):

@@ -60,6 +60,7 @@ class RunSummary:
     elapsed_s: float = 0.0
     prefill_s: float = 0.0  # summed over jobs: time in their own prefill chunks
     decode_s: float = 0.0  # summed over decode steps
+    compare_s: float = 0.0  # --compare dense: the dense pass (prefill and decode), kept out of the run's own
     prefill_tokens_computed: int = 0
     prefill_tokens_reused: int = 0  # prompt tokens copied from another job's shared prefix
     interrupted: bool = False
@@ -79,8 +80,9 @@ class RunSummary:
 
     @property
     def idle_s(self) -> float:
-        """Wall time in neither loading, prefill nor decode steps: reading jobs, tokenising, writing, waiting."""
-        return max(0.0, self.elapsed_s - self.load_s - self.prefill_s - self.decode_s)
+        """Wall time in neither loading, prefill, decode steps nor the --compare pass: reading jobs, tokenising,
+        writing, waiting."""
+        return max(0.0, self.elapsed_s - self.load_s - self.prefill_s - self.decode_s - self.compare_s)
 
     @property
     def end_to_end_tok_s(self) -> float:
@@ -346,11 +348,14 @@ class Runner:
                 self._emit(writer, d.result)
             return
         ours = {d.prepared.job.id: d for d in self._decode(lm, bucket, sfi=True)}
+        started = time.perf_counter()
         for dense in self._decode(lm, bucket, sfi=False):
             d = ours[dense.prepared.job.id]
             if d.result.finish_reason != "error" and dense.result.finish_reason != "error":
                 d.result.extra["compare_dense"] = compare(d, dense)
+            self.summary.compare_s += time.perf_counter() - started
             self._emit(writer, d.result)
+            started = time.perf_counter()
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
