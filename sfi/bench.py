@@ -181,6 +181,22 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
     return result
 
 
+def bench_torch(model: Transformer, ctx: int, batch: int, new_tokens: int, seed: int = 0,
+                warmup_steps: int = 5, cuda_graphs: bool = True) -> dict[str, Any]:
+    """The plain-PyTorch dense decoder (sfi.tools.torch_baseline) on the same random prompts as `bench_ours`,
+    decoding from a cache our prefill filled (prefill is not what it measures)."""
+    from .engine.decoder import prefill_row
+    from .tools.torch_baseline import decode_plain
+
+    requests = _requests(model, ctx, batch, new_tokens, seed)
+    cache = model.new_cache(batch, ctx + new_tokens)
+    firsts = [int(prefill_row(model, cache, row, torch.tensor(r.prompt_ids, device=model.device), 4096).argmax())
+              for row, r in enumerate(requests)]
+    out = decode_plain(model, cache, firsts, [ctx] * batch, new_tokens - 1, warmup_steps, cuda_graphs)
+    del cache
+    return {"tok_s": out["tok_s"], "step_ms": out["step_ms"], "timed_steps": out["timed_steps"]}
+
+
 def roofline(model: Transformer, kv_bytes_per_row_step: float, batch: int, bandwidth: float) -> float:
     """tok/s if a step only had to stream the weights once and each row's KV once, at `bandwidth` B/s."""
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
@@ -253,9 +269,10 @@ def _hf_view(name: str, ours: dict[str, torch.Tensor], args: ModelArgs, hd: int)
 
 def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_tokens: int, sfi: SfiConfig,
               hf: bool = True, progress=None, cuda_graphs: bool = True,
-              model_spec: str | None = None) -> dict[str, Any]:
-    """Every (context, batch): SFI, dense and (optionally) transformers.generate, with the roofline.
-    With `model_spec` a real checkpoint (any `--model` form) replaces the preset's random weights."""
+              model_spec: str | None = None, plain: bool = True) -> dict[str, Any]:
+    """Every (context, batch): SFI, dense, (optionally) the plain-PyTorch decoder and transformers.generate,
+    with the roofline. Ratios are quoted against the faster of our dense and the plain decoder. With
+    `model_spec` a real checkpoint (any `--model` form) replaces the preset's random weights."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bandwidth = measure_copy_bandwidth(device)
@@ -290,6 +307,8 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
             try:
                 row["dense"] = bench_ours(model, ctx, batch, new_tokens, cuda_graphs=cuda_graphs)
                 row["sfi"] = bench_ours(model, ctx, batch, new_tokens, sfi, cuda_graphs=cuda_graphs)
+                if plain:
+                    row["torch"] = bench_torch(model, ctx, batch, new_tokens, cuda_graphs=cuda_graphs)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
                 say(f"{ctx} x {batch}: out of memory")
@@ -303,11 +322,18 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
                 mid = ctx + new_tokens / 2
                 row["dense"]["roofline_tok_s"] = roofline(model, mid * bpt, batch, bandwidth)
                 row["sfi"]["roofline_tok_s"] = roofline(model, row["sfi"]["kv_bytes_per_token"], batch, bandwidth)
-                for kind in ("dense", "sfi"):
-                    row[kind]["pct_roofline"] = 100 * row[kind]["tok_s"] / row[kind]["roofline_tok_s"]
+                if "torch" in row:
+                    row["torch"]["roofline_tok_s"] = row["dense"]["roofline_tok_s"]
+                for kind in ("dense", "sfi", "torch"):
+                    if kind in row:
+                        row[kind]["pct_roofline"] = 100 * row[kind]["tok_s"] / row[kind]["roofline_tok_s"]
             row["sfi_over_dense"] = row["sfi"]["tok_s"] / row["dense"]["tok_s"]
-            say(f"{ctx} x {batch}: SFI {row['sfi']['tok_s']:,.1f} tok/s, dense {row['dense']['tok_s']:,.1f} tok/s "
-                f"({row['sfi_over_dense']:.2f}x)")
+            best = max(("dense", "torch"), key=lambda k: row[k]["tok_s"] if k in row else 0.0)
+            row["best_dense"] = best
+            row["sfi_over_best_dense"] = row["sfi"]["tok_s"] / row[best]["tok_s"]
+            plain_text = f", plain PyTorch {row['torch']['tok_s']:,.1f}" if "torch" in row else ""
+            say(f"{ctx} x {batch}: SFI {row['sfi']['tok_s']:,.1f} tok/s, dense {row['dense']['tok_s']:,.1f} tok/s"
+                f"{plain_text} ({row['sfi_over_best_dense']:.2f}x the faster dense)")
             report["runs"].append(row)
         del model
         if hf:

@@ -167,6 +167,9 @@ def bench_command(
     recipe: Recipe = "default",
     set_: Set = None,
     hf: Annotated[bool, typer.Option(help="Also time transformers.generate (SDPA).")] = True,
+    plain: Annotated[bool, typer.Option("--torch/--no-torch", help="Also time a plain-PyTorch dense decoder (static "
+                                        "cache, SDPA, one CUDA graph per step, nothing fused), same weights; "
+                                        "ratios are quoted against the faster of it and our dense.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full results as JSON.",
                                                   show_default=False)] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Append one line per configuration.",
@@ -231,7 +234,8 @@ def bench_command(
     config = load_config(recipe, list(set_ or []))
     if model is not None and random_weights:
         raise typer.BadParameter("--model and --random-weights exclude each other", param_hint="--model")
-    result = run_bench(preset, _contexts(ctx), batches, new_tokens, config.sfi, hf=hf, progress=reporter.message,
+    result = run_bench(preset, _contexts(ctx), batches, new_tokens, config.sfi, hf=hf, plain=plain,
+                       progress=reporter.message,
                        cuda_graphs=config.decode.cuda_graphs, model_spec=model)
     if json_out is not None:
         write_json(json_out, result)

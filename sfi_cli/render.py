@@ -190,18 +190,22 @@ def workload_table(result: dict, console: Console) -> None:
 def bench_table(result: dict, console: Console) -> None:
     table = Table(title=f"sfi bench: {result['preset']}, {result['dtype']}, {result['device']}, copy bandwidth "
                         f"{result['copy_bandwidth_GBps']:.0f} GB/s", title_justify="left")
-    for name in ("ctx x batch", "sfi tok/s", "dense tok/s", "hf tok/s", "sfi/dense", "sfi/hf", "sfi % roof",
-                 "dense % roof", "slow", "attended"):
+    names = ("ctx x batch", "sfi tok/s", "dense tok/s", "torch tok/s", "hf tok/s", "sfi/dense", "sfi/torch",
+             "sfi/best dense", "sfi/hf", "sfi % roof", "dense % roof", "torch % roof", "slow", "attended")
+    for name in names:
         table.add_column(name, justify="right")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in result["runs"]:
         if "error" in r:
-            table.add_row(f"{r['ctx']} x {r['batch']}", r["error"], *[""] * 8)
+            table.add_row(f"{r['ctx']} x {r['batch']}", r["error"], *[""] * (len(names) - 2))
             continue
-        sfi, dense, hf = r["sfi"], r["dense"], r.get("hf_generate", {})
+        sfi, dense, plain, hf = r["sfi"], r["dense"], r.get("torch", {}), r.get("hf_generate", {})
+        over_plain = sfi["tok_s"] / plain["tok_s"] if plain.get("tok_s") else None
         table.add_row(f"{r['ctx']} x {r['batch']}", fmt(sfi["tok_s"], ",.1f"), fmt(dense["tok_s"], ",.1f"),
-                      fmt(hf.get("tok_s"), ",.1f"), fmt(r["sfi_over_dense"], ".2f"), fmt(r.get("sfi_over_hf"), ".1f"),
-                      fmt(sfi.get("pct_roofline"), ".0f"), fmt(dense.get("pct_roofline"), ".0f"),
+                      fmt(plain.get("tok_s"), ",.1f"), fmt(hf.get("tok_s"), ",.1f"), fmt(r["sfi_over_dense"], ".2f"),
+                      fmt(over_plain, ".2f"), fmt(r.get("sfi_over_best_dense"), ".2f"),
+                      fmt(r.get("sfi_over_hf"), ".1f"), fmt(sfi.get("pct_roofline"), ".0f"),
+                      fmt(dense.get("pct_roofline"), ".0f"), fmt(plain.get("pct_roofline"), ".0f"),
                       fmt(sfi["slow_fraction"], ".1%"), fmt(sfi.get("attended_fraction"), ".1%"))
     console.print(table)
 
@@ -211,11 +215,15 @@ def append_csv(path: Path, result: dict) -> None:
     import csv
 
     fields = ["device", "preset", "ctx", "batch", "new_tokens", "sfi_tok_s", "dense_tok_s", "hf_tok_s",
-              "sfi_over_dense", "sfi_pct_roofline", "dense_pct_roofline", "slow_fraction", "copy_bandwidth_GBps"]
-    new = not path.exists()
+              "sfi_over_dense", "sfi_pct_roofline", "dense_pct_roofline", "slow_fraction", "copy_bandwidth_GBps",
+              "torch_tok_s", "sfi_over_best_dense"]
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:  # an older file keeps its own columns: its lines stay aligned with its header
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         for r in result["runs"]:
@@ -230,7 +238,9 @@ def append_csv(path: Path, result: dict) -> None:
                 "sfi_pct_roofline": round(r["sfi"].get("pct_roofline", 0), 1),
                 "dense_pct_roofline": round(r["dense"].get("pct_roofline", 0), 1),
                 "slow_fraction": round(r["sfi"]["slow_fraction"], 4),
-                "copy_bandwidth_GBps": round(result["copy_bandwidth_GBps"], 1)})
+                "copy_bandwidth_GBps": round(result["copy_bandwidth_GBps"], 1),
+                "torch_tok_s": round(r["torch"]["tok_s"], 2) if "torch" in r else "",
+                "sfi_over_best_dense": round(r["sfi_over_best_dense"], 3) if "sfi_over_best_dense" in r else ""})
 
 
 def write_json(path: Path | str, data: dict) -> None:

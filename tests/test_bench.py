@@ -25,13 +25,20 @@ def test_bench_tiny_preset_writes_json_and_csv(tmp_path, capsys):
         assert 0 < r["sfi"]["slow_fraction"] < 0.2  # a slow step every 24 tokens per row
         assert r["sfi"]["attended_fraction"] < 0.5
         assert r["dense"]["slow_fraction"] == 1.0
+        # The plain-PyTorch baseline, and every SFI ratio against the faster of it and our dense.
+        assert r["torch"]["tok_s"] > 0 and r["torch"]["pct_roofline"] > 0
+        best = max(r["dense"]["tok_s"], r["torch"]["tok_s"])
+        assert r["sfi_over_best_dense"] == pytest.approx(r["sfi"]["tok_s"] / best)
+        assert r[r["best_dense"]]["tok_s"] == best
     assert main(argv) == 0  # a second run appends
     lines = list(csv.DictReader(table.open()))
     assert len(lines) == 4 and {line["batch"] for line in lines} == {"1", "2"}
+    assert all(float(line["torch_tok_s"]) > 0 and float(line["sfi_over_best_dense"]) > 0 for line in lines)
     err = capsys.readouterr().err
     assert "sfi bench" in err and result["copy_bandwidth_GBps"] > 0  # host memory bandwidth on a CPU
     assert not any(line.lstrip().startswith("{") for line in err.splitlines())  # JSON only in --json
     assert "300 x 1: SFI" in err and "300 x 1: transformers.generate" in err and "GB/s" in err
+    assert "plain PyTorch" in err
     assert all(r["sfi"]["pct_roofline"] > 0 for r in runs.values())
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # saved results plot later, merged
