@@ -63,6 +63,13 @@ def run_command(
     strict: Annotated[bool, typer.Option(help="Abort before loading the model if any line is bad.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start the output over instead of resuming.")] = False,
     report: Report = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on the CPU, each with its own model copy "
+                                         "and its share of the jobs; the output is written by this process alone.")]
+    = 1,
+    gpus: Annotated[str | None, typer.Option(help="One worker per GPU: all, a count (2), or indices (0,1).",
+                                             show_default=False)] = None,
+    max_retries: Annotated[int, typer.Option(min=0, help="Times a job is decoded again after its worker died "
+                                             "(killed, out of memory) before it is reported as failed.")] = 2,
     quiet: Quiet = False,
 ) -> None:
     """Decode every job of a JSONL file and write one result line per job."""
@@ -81,13 +88,29 @@ def run_command(
                       strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite,
                       compare_dense=compare is not None)
     try:
-        summary = Runner(opts, reporter).run()
+        if gpus is not None or workers > 1:
+            summary = _run_workers(opts, reporter, workers, gpus, max_retries)
+        else:
+            summary = Runner(opts, reporter).run()
     finally:
         reporter.close()
     reporter.summary(summary)
     if report is not None:
         write_report(report, summary)
     raise typer.Exit(summary.exit_code)
+
+
+def _run_workers(opts, reporter, workers: int, gpus: str | None, max_retries: int):
+    from sfi.engine.workers import gpu_devices, run_workers
+
+    devices = None
+    if gpus is not None:
+        if workers > 1:
+            raise typer.BadParameter("--gpus and --workers exclude each other", param_hint="--workers")
+        import torch
+
+        devices = gpu_devices(gpus, torch.cuda.device_count())
+    return run_workers(opts, reporter, workers, devices, max_retries)
 
 
 @app.command("eval")

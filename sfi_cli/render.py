@@ -89,7 +89,8 @@ class Reporter:
             ("jobs", f"{s.succeeded} ok, {s.failed} failed, {s.skipped} already done"
                      + (f", {s.invalid_lines} bad line(s)" if s.invalid_lines else "")),
             ("tokens", f"{s.prompt_tokens:,} prompt, {s.completion_tokens:,} generated"),
-            ("time", f"load {s.load_s:.1f}s, prefill {s.prefill_s:.1f}s, decode {s.decode_s:.1f}s "
+            ("time", (f"summed over {s.workers} workers: " if s.workers > 1 else "")
+                     + f"load {s.load_s:.1f}s, prefill {s.prefill_s:.1f}s, decode {s.decode_s:.1f}s "
                      f"({s.decode_tok_s:,.1f} tok/s), "
                      + (f"dense comparison {s.compare_s:.1f}s, " if s.compare_s else "")
                      + f"other {s.idle_s:.1f}s; {s.end_to_end_tok_s:,.1f} tok/s and "
@@ -260,7 +261,7 @@ def write_report(path: Path, summary: RunSummary) -> None:
                    "idle_s": round(summary.idle_s, 3),
                    "elapsed_s": round(summary.elapsed_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2),
                    "end_to_end_tok_s": round(summary.end_to_end_tok_s, 2),
-                   "jobs_per_hour": round(summary.jobs_per_hour, 1)},
+                   "jobs_per_hour": round(summary.jobs_per_hour, 1), "workers": summary.workers},
         "prefill_tokens": {"computed": summary.prefill_tokens_computed, "reused": summary.prefill_tokens_reused},
         "interrupted": summary.interrupted, "config": summary.config, "results": summary.results,
         "sfi": {"budget": summary.budget, "slow_steps": summary.slow_steps, "fast_steps": summary.fast_steps,

@@ -70,6 +70,7 @@ class RunSummary:
     kv_bytes_read: int = 0
     kv_bytes_dense: int = 0
     budget: str = ""  # the SFI budget used, and why (derived from the model's context, or set by the recipe)
+    workers: int = 1  # processes that decoded (--workers, --gpus): load, prefill and decode are summed over them
     compared: list[dict] = field(default_factory=list)  # each job's compare_dense object (--compare dense)
     config: dict = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)  # short per-job lines for the report
@@ -81,8 +82,9 @@ class RunSummary:
     @property
     def idle_s(self) -> float:
         """Wall time in neither loading, prefill, decode steps nor the --compare pass: reading jobs, tokenising,
-        writing, waiting."""
-        return max(0.0, self.elapsed_s - self.load_s - self.prefill_s - self.decode_s - self.compare_s)
+        writing, waiting (with several workers: worker-seconds, of elapsed x workers)."""
+        busy = self.load_s + self.prefill_s + self.decode_s + self.compare_s
+        return max(0.0, self.elapsed_s * self.workers - busy)
 
     @property
     def end_to_end_tok_s(self) -> float:
@@ -374,6 +376,12 @@ class Runner:
         return s
 
     def _run(self, jobs: list[Job], problems: list[JobProblem], writer: ResultWriter) -> None:
+        todo = self._triage(jobs, problems, writer)
+        if todo:
+            self.decode_jobs(todo, writer)
+
+    def _triage(self, jobs: list[Job], problems: list[JobProblem], writer: ResultWriter) -> list[Job]:
+        """Skip what the output already holds, write the bad lines' errors; the jobs left to decode."""
         s = self.summary
         done = writer.finished_ids
         s.jobs_total = len(jobs) + sum(1 for p in problems if p.job_id is not None)
@@ -388,8 +396,12 @@ class Runner:
                 s.failed += 1
             elif problem.job_id not in done:
                 self._fail(writer, problem.job_id, str(problem))
-        if not todo:
-            return
+        return todo
+
+    def decode_jobs(self, todo: list[Job], writer) -> None:
+        """Load the model and decode `todo`, each result through `writer.write` (a ResultWriter, or a worker's
+        channel to its driver)."""
+        s = self.summary
         from ..loader import load_model
         from .scheduler import Sized
 

@@ -1,0 +1,114 @@
+"""`sfi run --workers N` (and `--gpus`): worker processes, one output written by the driver, and no job lost or
+duplicated when a worker dies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from sfi.engine.workers import gpu_devices, split_jobs
+from sfi.errors import ConfigError
+from sfi.jobs import parse_jobs
+from sfi_cli.main import main
+
+import tiny
+
+TEXT = tiny.TEXT * 3
+JOBS = [{"id": f"j{i}", "prompt": TEXT[i * 29: i * 29 + 80 + 40 * (i % 3)], "max_new_tokens": 8 + 5 * (i % 4)}
+        for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny.make_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen3"))
+
+
+def _write(path, jobs):
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return str(path)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_gpu_devices():
+    assert gpu_devices("all", 3) == ["0", "1", "2"]
+    assert gpu_devices("2", 3) == ["0", "1"] and gpu_devices("0,2", 3) == ["0", "2"]
+    for bad in ("4", "0,3", "0,0", "x", "0"):
+        with pytest.raises(ConfigError):
+            gpu_devices(bad, 3)
+    with pytest.raises(ConfigError, match="--workers"):
+        gpu_devices("all", 0)
+
+
+def test_split_jobs_balances_work_and_keeps_shared_prefixes_together():
+    doc = "lorem ipsum " * 300  # 3,600 characters: past the prefix the split compares
+    lines = [json.dumps({"id": f"q{i}", "prompt": doc + f"question {i}"}).encode() for i in range(4)]
+    lines += [json.dumps({"id": f"s{i}", "prompt": "x" * (400 * (i + 1)), "max_new_tokens": 10}).encode()
+              for i in range(6)]
+    jobs = parse_jobs(lines, "j").jobs
+    shares = split_jobs(jobs, 3, 256)
+    assert sorted(j.id for s in shares for j in s) == sorted(j.id for j in jobs)  # each job once
+    holders = {i for i, s in enumerate(shares) for j in s if j.id.startswith("q")}
+    assert len(holders) == 1  # the four questions on one document go to one worker
+    assert len(shares) == 3
+
+
+def test_two_workers_write_what_one_process_writes(ckpt, tmp_path):
+    jobs = _write(tmp_path / "jobs.jsonl", JOBS + [{"id": "bad", "prompt": 7}])
+    one, two, report = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "r.json"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(one), "-q"]) == 2  # the bad line fails alone
+    assert main(["run", jobs, "-m", ckpt, "-o", str(two), "-q", "--workers", "2", "--report", str(report)]) == 2
+    a, b = _lines(one), _lines(two)
+    assert len(b) == len(JOBS) + 1 and len({r["id"] for r in b}) == len(b)
+    assert {r["id"]: r["text"] for r in a} == {r["id"]: r["text"] for r in b}
+    rep = json.loads(report.read_text())
+    assert rep["timing"]["workers"] == 2 and rep["jobs"]["succeeded"] == len(JOBS) and rep["jobs"]["failed"] == 1
+    assert rep["tokens"]["completion"] == sum(r["completion_tokens"] for r in b)
+    # Re-running resumes as a single process does: nothing left but the bad line, which fails again.
+    assert main(["run", jobs, "-m", ckpt, "-o", str(two), "-q", "--workers", "2"]) == 2
+    assert len(_lines(two)) == len(JOBS) + 1
+
+
+def _kill_a_worker(argv, out):
+    """Start `argv`, kill one of its worker processes once a result is out, and wait for the run."""
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while (not out.exists() or not out.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # The driver's children are its workers and multiprocessing's resource tracker.
+    workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert workers, "no worker process left to kill"
+    workers[0].kill()
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_killed_worker_loses_and_duplicates_nothing(ckpt, tmp_path, retries):
+    long_jobs = [j | {"max_new_tokens": 40} for j in JOBS]
+    jobs = _write(tmp_path / "jobs.jsonl", long_jobs)
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "sfi_cli.main", "run", jobs, "-m", ckpt, "-o", str(out), "--workers", "2",
+            "--max-retries", str(retries), "--set", "decode.max_batch_size=1"]  # one job at a time: some left
+    code, err = _kill_a_worker(argv, out)
+    lines = _lines(out)
+    assert sorted(r["id"] for r in lines) == sorted(j["id"] for j in long_jobs)  # each job exactly once
+    assert "died" in err
+    failed = [r for r in lines if r["finish_reason"] == "error"]
+    if retries:
+        assert code == 0 and not failed  # decoded again by a new worker
+    else:
+        assert code == 2 and failed and all("died" in r["error"] for r in failed)
+        # A re-run decodes the failed ones and nothing else.
+        assert subprocess.run(argv[:-4] + ["-q"], timeout=300).returncode == 0
+        again = _lines(out)
+        assert sorted(r["id"] for r in again) == sorted(j["id"] for j in long_jobs)
+        assert all(r["finish_reason"] != "error" for r in again)
