@@ -135,7 +135,7 @@ def eval_command(
     """Measure recipes side by side on generated long-context tasks (offline, seeded)."""
     from sfi.loader import load_model
     from sfi.results import check_writable
-    from sfi.tools.eval import TASKS, compare_to_dense, evaluate, parse_lengths
+    from sfi.tools.eval import TASKS, compare_to_dense, corpus_id, evaluate, parse_lengths
 
     from .render import eval_table, write_json
 
@@ -158,7 +158,7 @@ def eval_command(
         if json_out is not None:
             write_json(json_out, {"model": lm.name, "device": str(lm.model.device),
                                   "dtype": str(lm.model.dtype).removeprefix("torch."), "trials": trials, "seed": seed,
-                                  "cells": summarise(cells)})
+                                  "corpus": corpus_id(), "cells": summarise(cells)})
 
     cells = evaluate(lm, recipe or ["dense", "default"], task_list, parse_lengths(lengths), trials, seed=seed,
                      batch=batch, progress=reporter.message, checkpoint=save)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -138,4 +139,6 @@ def test_eval_command_writes_json_and_a_table(lm, tmp_path, capsys):
     assert {(c["recipe"], c["task"]) for c in data["cells"]} == {(r, t) for r in ("dense", "tiny")
                                                                  for t in ("passkey", "nll")}
     assert "sfi eval" in capsys.readouterr().err
+    # The prose comes from this Python's pydoc_data: the JSON says which, so runs elsewhere can be matched.
+    assert data["corpus"].startswith(f"pydoc_data.topics of Python {sys.version.split()[0]}, sha256 ")
     assert main(["eval", "-m", str(lm.path), "--tasks", "sudoku"]) == 1

@@ -142,6 +142,17 @@ def compare_to_dense(rows: list[dict[str, Any]], dense: str = "dense") -> None:
 
 
 # -- task generation ------------------------------------------------------------------------------------
+def corpus_id() -> str:
+    """Which prose the trials come from: `pydoc_data.topics` differs between Python versions, so two machines
+    build the same trial i from the same seed only when this string is the same on both."""
+    import hashlib
+    import sys
+    from pydoc_data.topics import topics
+
+    digest = hashlib.sha256("\0".join(f"{k}\0{topics[k]}" for k in sorted(topics)).encode()).hexdigest()
+    return f"pydoc_data.topics of Python {sys.version.split()[0]}, sha256 {digest[:16]}"
+
+
 def _prose_sentences(seed: int) -> list[str]:
     from pydoc_data.topics import topics
 
