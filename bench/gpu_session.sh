@@ -41,6 +41,13 @@ convert_weights("/root/SmolLM2-135M-Instruct.gguf", "/root/SmolLM2-135M-Instruct
             --tasks "${EVAL_TASKS:-passkey,multikey,vartrack,preamble,nll,fidelity}" \
             --lengths "${EVAL_LENGTHS:-2k,4k,7k}" --trials "${EVAL_TRIALS:-50}" --batch "${EVAL_BATCH:-50}" \
             --json "$OUT/eval-${EVAL_NAME:-gpu}.json" ;;
+    # The Qwen3-4B architecture with random bf16 weights as a checkpoint folder, with the real Qwen3 tokenizer
+    # carried in .carry/q (a copy of ~/.cache/sfi/tokenizers/qwen3-3.7.2: the machine has no network).
+    qwen3-ckpt) mkdir -p /root/.cache/sfi/tokenizers && cp -r .carry/q/qwen3-3.7.2 /root/.cache/sfi/tokenizers/ &&
+                python3 -m sfi_cli.main bench --write-checkpoint /root/q4b 2>&1 | grep -v Writing ;;
+    # `sfi run` end to end on that checkpoint: shared prefixes, the built-in mix (SFI and dense, continuous and
+    # static batches), determinism; $WORKLOAD_SKIP names sections to leave out (prefix,profile,mix,determinism).
+    workload) python3 bench/gpu_workload.py "$OUT/workload.json" /root/q4b ${WORKLOAD_SKIP:+--skip "$WORKLOAD_SKIP"} ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }
