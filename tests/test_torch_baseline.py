@@ -54,5 +54,5 @@ def test_decode_plain_reports_every_rows_tokens_and_a_rate():
     tokens, _, _ = _ours(model, prompts, 9)
     cache = model.new_cache(2, 40)
     firsts = [int(prefill_row(model, cache, r, torch.tensor(p), 64).argmax()) for r, p in enumerate(prompts)]
-    out = decode_plain(model, cache, firsts, [30, 30], steps=8, warmup_steps=2)
+    out = decode_plain(model, cache, firsts, [30, 30], steps=8, warmup_steps=2, keep_tokens=True)
     assert out["tokens"] == tokens and out["timed_steps"] == 6 and out["tok_s"] > 0

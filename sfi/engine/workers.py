@@ -109,12 +109,6 @@ def _worker(slot: str, cpu: int, jobs: list[Job], opts: RunOptions, conn: Connec
 
 
 @dataclass
-class _Unit:
-    jobs: list[Job]
-    alone: bool = False  # a retry after a second death: each job in its own worker
-
-
-@dataclass
 class _Running:
     slot: str
     process: Any
@@ -140,19 +134,16 @@ class Driver(Runner):
 
     def decode_jobs(self, todo: list[Job], writer) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
-        pending = deque(_Unit(share) for share in split_jobs(todo, len(self.slots),
-                                                             self.cfg.generation.max_new_tokens))
+        # Each entry: the jobs one worker process decodes together.
+        pending = deque(split_jobs(todo, len(self.slots), self.cfg.generation.max_new_tokens))
         free, running = list(self.slots), []
         self.obs.start(len(todo))
         self.obs.message(f"{len(self.slots)} {'CPU worker' if self.cpu else 'GPU worker'}(s): "
-                         + ", ".join(f"{len(u.jobs)} jobs" for u in pending))
+                         + ", ".join(f"{len(jobs)} jobs" for jobs in pending))
         try:
             while pending or running:
                 while pending and free:
-                    unit = pending.popleft()
-                    batches = [[j] for j in unit.jobs] if unit.alone else [unit.jobs]
-                    pending.extendleft(_Unit(b, unit.alone) for b in reversed(batches[1:]))
-                    running.append(self._start(ctx, free.pop(0), batches[0]))
+                    running.append(self._start(ctx, free.pop(0), pending.popleft()))
                 ready = wait([r.conn for r in running], timeout=1.0)
                 for r in list(running):
                     if r.conn in ready or not r.process.is_alive():  # read all it sent before it ended
@@ -193,7 +184,7 @@ class Driver(Runner):
             r.eof = True
             r.process.join(timeout=5)
 
-    def _died(self, r: _Running, writer) -> list[_Unit]:
+    def _died(self, r: _Running, writer) -> list[list[Job]]:
         """The jobs a dead worker had not sent back: again (together the first time, then each alone), or failed
         after `max_retries` deaths."""
         code = r.process.exitcode
@@ -210,7 +201,7 @@ class Driver(Runner):
                 again.append(job)
             else:
                 alone.append(job)
-        return ([_Unit(again)] if again else []) + ([_Unit(alone, alone=True)] if alone else [])
+        return ([again] if again else []) + [[job] for job in alone]
 
     def _merge(self, worker: dict) -> None:
         s = self.summary
