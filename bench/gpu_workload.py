@@ -1,11 +1,14 @@
 """One device call's worth of `sfi run` throughput measurements (the continuous-batching issue), as JSON.
 
-    python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny] [--skip prefix,profile,mix,determinism]
+    python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny] [--skip bootstrap,prefix,profile,mix,workers,determinism]
 
+0. The bootstrap Selector: the fused kernels (select_fused) against the torch reference on bootstrap-shaped
+   logits: picks in common and milliseconds per layer.
 1. Shared prefixes: one 32k-token document asked 1 question, then 8 questions (with and without prefix reuse),
    the default recipe: prefill seconds and tokens computed/reused, and a profile of the 8-question run.
 2. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches.
-3. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
+3. `--gpus 1` against a plain run of the same 16 jobs of the mix (`sfi run` as a subprocess each, its --report).
+4. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
 
 The JSON is rewritten after every run, so a call cut short still brings back what finished. `--tiny` shrinks
 every size so the script can be tried on a CPU with a tiny checkpoint first.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,12 +61,18 @@ def main() -> None:
         print(name, row, flush=True)
         return row | {"_texts": {r["id"]: r.get("text") for r in texts}}
 
+    if "bootstrap" not in skip:
+        result["bootstrap_selector"] = bootstrap_selector(tiny)
+        save()
     # 1. Shared prefixes.
     rng = random.Random(1)
     doc = haystack(tok, doc_tokens, rng, [])
     ask = [{"id": f"q{i}", "prompt": f"{doc}\n\nQuestion: {QUESTIONS[i]}\nAnswer:", "max_new_tokens": answer}
            for i in range(8)]
-    once(ask[:1], "warmup")  # compilation and autotuning, not timed
+    # Compilation and autotuning, not timed: a leader and a follower, so both prefill paths have run once.
+    once(ask[:2], "warmup")
+    from sfi import model as model_module
+    result["flash_grouped_chunks"] = model_module._FLASH_GROUPED
     if "prefix" not in skip:
         result["shared_prefix"] = shared_prefix(once, ask, len(tok.encode(doc)), answer, "profile" not in skip)
         save()
@@ -71,6 +81,9 @@ def main() -> None:
     if "mix" not in skip:
         result["mix"] = {"jobs": len(mix), "runs": []}
         workload(tmp, mix, model, result, save)
+    if "workers" not in skip:
+        result["workers"] = workers_vs_plain(tmp, mix[:6] if tiny else mix[:16], model)
+        save()
     if "determinism" not in skip:
         result["determinism"] = determinism(once, mix)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -126,6 +139,64 @@ def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None
         "default / dense (static)": round(by[("default", False)] / by[("dense", False)], 3)}
     save()
     print(json.dumps(result["mix"]["ratios"]), flush=True)
+
+
+def bootstrap_selector(tiny: bool) -> dict:
+    """select_fused (the decode refresh's kernels) against select (torch ops) on bootstrap-shaped logits:
+    [layers, Hkv, G x W rows, N] with Qwen3-4B's 8 KV heads, group 4, window 16; ours and the paper's Selector."""
+    import torch
+
+    from sfi.method import selector as S
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layers, n, k = (2, 1500, 128) if tiny else (4, 31000, 1536)
+    g = torch.Generator(device=dev).manual_seed(0)
+    z = torch.randn(layers, 8, 64, n, device=dev, generator=g) * 3
+    z.scatter_add_(-1, torch.randint(0, n, (layers, 8, 64, 4), device=dev, generator=g),
+                   torch.full((layers, 8, 64, 4), 12.0, device=dev))
+    norms = torch.rand(layers, 8, n, device=dev, generator=g) * 2 + 0.5
+    out = {"shape": [layers, 8, 64, n], "k": k}
+    for name, params in (("ours", S.SelectorParams()), ("spec", S.SPEC)):
+        timing = {}
+        picks = {}
+        for fn in (S.select, S.select_fused):
+            fn(z, norms, k, params)  # compile
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                picks[fn.__name__] = fn(z, norms, k, params)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            timing[fn.__name__] = round((time.perf_counter() - t) / 3 / layers * 1e3, 3)
+        a, b = picks["select"], picks["select_fused"]
+        common = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a.flatten(0, 1), b.flatten(0, 1),
+                                                                             strict=True))
+        out[name] = {"ms_per_layer": timing, "picks_in_common": round(common / a.numel(), 5)}
+    print("bootstrap selector", out, flush=True)
+    return out
+
+
+def workers_vs_plain(tmp: Path, jobs: list[dict], model: str) -> dict:
+    """The same jobs as a plain `sfi run` and with `--gpus 1` (one worker process): wall time and the report's
+    jobs/hour; the worker path must cost nothing measurable."""
+    path = tmp / "workers.jsonl"
+    write_jobs(path, jobs)
+    rows = {}
+    for name, extra in (("plain", []), ("--gpus 1", ["--gpus", "1"])):
+        report = tmp / f"workers-{len(rows)}.json"
+        cmd = [sys.executable, "-m", "sfi_cli.main", "run", str(path), "-o", str(tmp / f"workers-{len(rows)}.jsonl"),
+               "--model", model, "--set", "generation.ignore_eos=true", "--overwrite", "--quiet", "--report",
+               str(report), *extra]
+        t = time.perf_counter()
+        rc = subprocess.run(cmd).returncode
+        wall = time.perf_counter() - t
+        r = json.loads(report.read_text())
+        rows[name] = {"rc": rc, "wall_s": round(wall, 2), "jobs": r["jobs"], "timing": r["timing"],
+                      "command": " ".join(["sfi run JOBS -o OUT --model DIR --set generation.ignore_eos=true"] + extra)}
+        print("workers", name, rows[name], flush=True)
+    rows["gpus1_over_plain_wall"] = round(rows["--gpus 1"]["wall_s"] / rows["plain"]["wall_s"], 3)
+    return {"jobs": len(jobs), "runs": rows}
 
 
 def determinism(once, mix: list[dict]) -> dict:

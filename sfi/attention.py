@@ -58,6 +58,8 @@ def bootstrap(layer: int, q: torch.Tensor, cache: KVCache, end: int, capture, re
     """
     w = q.shape[1]
     z = capture_logits(q, cache.k[layer, capture.row, :, capture.lo:capture.hi], scale)  # [Hq, W, N]
-    qpos = torch.arange(end - w, end, device=q.device)[:, None]
-    kpos = torch.arange(capture.lo, capture.hi, device=q.device)[None, :]
-    refresh(layer, capture.row, z.masked_fill((kpos > qpos)[None], float("-inf")))
+    if capture.hi > end - w + 1:  # some key lies after the first query (a recent span shorter than W)
+        qpos = torch.arange(end - w, end, device=q.device)[:, None]
+        kpos = torch.arange(capture.lo, capture.hi, device=q.device)[None, :]
+        z = z.masked_fill((kpos > qpos)[None], float("-inf"))
+    refresh(layer, capture.row, z)

@@ -174,6 +174,37 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+_FLASH_GROUPED: bool | None = None  # does the flash op take grouped K/V here? (None: not tried yet)
+
+
+def _grouped_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prefill chunk's attention on a GPU: q [1, Hq, T, D] over keys/values [1, Hkv, S, D] (S >= T, the chunk's
+    keys last), causal aligned to the bottom right. SDPA routes this mask to flash attention only with as many K/V
+    heads as query heads, which would mean copying the row's whole cache G times per chunk per layer. The flash op
+    itself reads grouped K/V in place, and its causal mask is bottom-right aligned when T < S; its first use is
+    checked against the expanded form, which stays the fallback where the op refuses or disagrees."""
+    global _FLASH_GROUPED
+
+    def expanded() -> torch.Tensor:
+        g = q.shape[1] // keys.shape[1]
+        k, v = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                              scale=scale)
+
+    if _FLASH_GROUPED is False:
+        return expanded()
+    try:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, True, False, scale=scale)[0]
+    except RuntimeError:
+        _FLASH_GROUPED = False
+        return expanded()
+    if _FLASH_GROUPED is None:
+        _FLASH_GROUPED = bool(torch.allclose(out.float(), expanded().float(), rtol=2e-2, atol=2e-2))
+        if not _FLASH_GROUPED:
+            return expanded()
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
@@ -210,15 +241,11 @@ class Attention(nn.Module):
             # Chunk i sees every cached key plus the chunk's own keys up to itself: a causal mask aligned
             # to the bottom right, which SDPA runs as a fused (flash-style) kernel without materialising
             # a [T, end] score matrix, so a 128k prompt needs memory linear in its length.
-            mask = causal_lower_right(step.length, end)
             if x.is_cuda and self.n_heads != self.n_kv_heads:
-                # The fused kernel for this mask does not take grouped heads on CUDA: expand K/V per chunk.
-                g = self.n_heads // self.n_kv_heads
-                keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+                out = _grouped_chunk_attention(q, keys, values, self.scale)
             else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                     enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(step.length, end),
+                                                     scale=self.scale, enable_gqa=True)
         if step.bootstrap is not None:
             w = step.bootstrap.batch_index
             attention.bootstrap(self.layer, q[0, :, -w:], cache, end, step.bootstrap, step.refresh, self.scale)

@@ -166,3 +166,24 @@ def test_wrong_shapes_raise():
             selector_scores_ref(*args, DEFAULT)
     with pytest.raises(ValueError):  # positions must be contiguous
         selector_scores(z.transpose(2, 3).contiguous().transpose(2, 3), norms, nt, DEFAULT)
+
+
+def test_bootstrap_shape_many_rows_small_block():
+    """The prefill's bootstrap: R = group size x window (here 4 x 16) rows per KV head, every row over the whole
+    domain, with the small position block select_fused picks for so many rows; our Selector's defaults."""
+    ours = S.SelectorParams()
+    z, norms, nt = make_case([300, 299], 2, 64, 300, seed=7)
+    assert_matches(selector_scores(z, norms, nt, ours, block=64), expected(z, norms, nt, ours))
+
+
+def test_select_fused_picks_what_select_picks():
+    """select_fused (the kernel on a GPU, the reference here) = select for logits with no -inf, for our Selector
+    and for the top-k baseline written as kernel parameters."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 2, 8, 257, generator=g) * 3  # 3 layers, 2 KV heads, 8 rows, 257 positions
+    norms = torch.rand(3, 2, 257, generator=g) + 0.5
+    ours = S.SelectorParams()
+    assert torch.equal(S.select_fused(z, norms, 40, ours), S.select(z, norms, 40, ours))
+    topk = dataclasses.replace(ours, use_power_mean=False, use_prior=False, use_nms=False, use_exclusivity=False,
+                               span_successors=0, span_block=1)
+    assert torch.equal(S.select_fused(z, norms, 40, topk), S.select_topk(z, norms, 40, ours))

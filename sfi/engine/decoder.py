@@ -247,6 +247,7 @@ class Decoder:
                 logits = self.model.prefill(p.ids[start:end], self.cache, step)
                 spent += end - start
                 row.progress = end
+            _settle(logits)
             p.seconds += time.perf_counter() - started
             if p.chunks:  # first come, first finished: the same prompt goes on while the budget lasts
                 self.prefills.appendleft(p)
@@ -328,6 +329,13 @@ class Decoder:
                          sampled if any(r.forced for r in requests) else None)
         self.steps += 1
         return event
+
+
+def _settle(t: torch.Tensor) -> None:
+    """Wait for the device to finish `t` (a GPU runs ahead of the host): a prefill chunk's time is then its own,
+    not charged to the decode step or job that happens to wait for it next."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
 
 
 def _choose(logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[int], list[float] | None]:

@@ -29,15 +29,13 @@ from sfi_kernels import (
     LogitCapture,
     compact_write,
     compact_write_ref,
-    kept_positions,
-    kept_positions_ref,
     selector_scores,
     selector_scores_ref,
 )
 
 from ..cache import KVCache
 from .memory import SparseMemory
-from .selector import SelectorParams
+from .selector import SelectorParams, top_positions
 
 GROUPS = 3  # refresh groups per step (fewer when the layer count has no divisor near n_layers / 3)
 
@@ -113,17 +111,11 @@ class StepRefresh:
         z = self.z[buf, :s].view(s * g, hkv, hq // hkv, cap)
         per_problem = lambda t: t.repeat_interleave(g)  # noqa: E731  [S] -> [S * g]
         # The kernels on a GPU, their references on a CPU (the same step either way).
-        scores_fn, kept_fn, write_fn = ((selector_scores, kept_positions, compact_write) if z.is_cuda else
-                                        (selector_scores_ref, kept_positions_ref, compact_write_ref))
+        scores_fn, write_fn = ((selector_scores, compact_write) if z.is_cuda else
+                               (selector_scores_ref, compact_write_ref))
         score = scores_fn(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
-        k = min(self.memory.k_head, cap)
-        if k:
-            top = torch.topk(score, k, dim=-1, sorted=False).values  # [S * g, Hkv, k]
-            kth = top.amin(dim=-1)
-            n_above = (top > kth[..., None]).sum(dim=-1, dtype=torch.int32)  # k values counted, not C positions
-            picks = kept_fn(score, kth, k, n_above)  # [S * g, Hkv, k], domain order; -inf (past n) last
-        else:  # k_head 0: the memory is the sink alone
-            picks = torch.empty(s * g, hkv, 0, dtype=torch.int32, device=score.device)
+        # [S * g, Hkv, min(k_head, cap)], domain order; the -inf scores (past n) come last and are not written
+        picks = top_positions(score, self.memory.k_head)
         # The compaction writer sees the layers of the cache and memory as rows: row = layer * Bc + cache row.
         flat_rows = (self.layer_rows[group][None, :] + rows[:, None]).view(-1)
         c, m = self.cache, self.memory

@@ -19,7 +19,7 @@ import torch
 from ..config import SfiConfig
 from .boundary import Boundary, BoundaryState
 from .memory import SparseMemory
-from .selector import SelectorParams, select, select_topk
+from .selector import SelectorParams, select, select_fused, select_topk
 
 Refresh = Callable[[int, int, torch.Tensor], None]  # (layer, cache row, logits [Hq, R, N]) -> None
 
@@ -63,6 +63,9 @@ class SfiRuntime:
         self.score_params = self.params if cfg.selector == "sfi" else dataclasses.replace(
             self.params, use_power_mean=False, use_prior=False, use_nms=False, use_exclusivity=False,
             span_successors=0, span_block=1)
+        # The bootstrap's last W prompt queries all see the whole domain [sink, T - recent) when recent >= W - 1:
+        # then a GPU selects with the fused kernels (select_fused), which assume exactly that.
+        self.rows_see_domain = cfg.recent + 1 >= cfg.bootstrap_window
         self.state = [BoundaryState() for _ in range(n_rows)]
         self.pending = [False] * n_rows
         self.has_memory = [False] * n_rows
@@ -108,7 +111,10 @@ class SfiRuntime:
         else:
             zg = z.reshape(*z.shape[:-3], hkv, (hq // hkv) * r, n)  # query heads h*G..h*G+G-1 share KV head h
             norms = cache.k[layer, row, :, lo:lo + n].float().norm(dim=-1)  # [..., Hkv, N]
-            picks = self.selector(zg, norms, self.cfg.k_head, self.params)
+            if zg.is_cuda and self.rows_see_domain:
+                picks = select_fused(zg, norms, self.cfg.k_head, self.score_params)
+            else:
+                picks = self.selector(zg, norms, self.cfg.k_head, self.params)
         self.memory.write(layer, row, cache, lo, picks)
 
     def bootstrap(self, row: int, prompt_len: int) -> Capture | None:

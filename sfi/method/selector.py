@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sfi_kernels import kept_positions_ref
+from sfi_kernels import kept_positions, kept_positions_ref, selector_scores, selector_scores_ref
 from sfi_kernels.selector_scores import (  # noqa: F401  (the stages, re-exported for callers and tests)
     exclusivity,
     fuse,
@@ -78,14 +78,32 @@ def top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=score.device).expand(*score.shape[:-1], n)
     if k == 0:
         return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
-    flat = score.reshape(-1, score.shape[-2], n)  # [P, H, N]
-    kth = torch.topk(flat, k, dim=-1, sorted=False).values.amin(dim=-1)
-    return kept_positions_ref(flat, kth, k).long().reshape(*score.shape[:-1], k)
+    flat = score.reshape(-1, score.shape[-2], n).contiguous()  # [P, H, N]
+    top = torch.topk(flat, k, dim=-1, sorted=False).values
+    kth = top.amin(dim=-1)
+    n_above = (top > kth[..., None]).sum(dim=-1, dtype=torch.int32)  # counted over k values, not N positions
+    kept = kept_positions if flat.is_cuda else kept_positions_ref  # the kernel on a GPU, its reference elsewhere
+    return kept(flat, kth, k, n_above).long().reshape(*score.shape[:-1], k)
 
 
 def select(z: torch.Tensor, key_norms: torch.Tensor, k: int, p: SelectorParams) -> torch.Tensor:
     """SFI selection: [..., H, min(k, N)] domain positions per KV head."""
     return top_positions(scores(z, key_norms, p), k)
+
+
+def select_fused(z: torch.Tensor, key_norms: torch.Tensor, k: int, p: SelectorParams) -> torch.Tensor:
+    """`select` through the fused Selector kernel (the decode refresh's, sfi_kernels.selector_scores) for logits in
+    which every row sees the whole domain (no -inf), as that kernel assumes; on a CPU, the kernel's reference.
+    `select_topk` is this with the kernel parameters of SfiRuntime.score_params. Same picks as `select` up to
+    rounding: the prefill's bootstrap uses it on a GPU, where the reference's dozens of passes over
+    [Hq, W, N] float32 logits per layer cost more than the prefill's attention."""
+    *lead, h, r, n = z.shape
+    z4 = z.float().reshape(-1, h, r, n).contiguous()
+    count = torch.full((z4.shape[0],), n, dtype=torch.int32, device=z.device)
+    block = min(512, max(16, 4096 // (1 << (r - 1).bit_length())))  # a [rows, block] tile lives in registers
+    norms = key_norms.float().reshape(-1, h, n).contiguous()
+    score = selector_scores(z4, norms, count, p, block=block) if z.is_cuda else selector_scores_ref(z4, norms, count, p)
+    return top_positions(score, k).reshape(*lead, h, -1)
 
 
 def select_topk(z: torch.Tensor, key_norms: torch.Tensor, k: int, p: SelectorParams) -> torch.Tensor:
