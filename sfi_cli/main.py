@@ -101,15 +101,13 @@ def run_command(
 
 
 def _run_workers(opts, reporter, workers: int, gpus: str | None, max_retries: int):
-    from sfi.engine.workers import gpu_devices, run_workers
+    from sfi.engine.workers import gpu_devices, run_workers, visible_gpus
 
     devices = None
     if gpus is not None:
         if workers > 1:
             raise typer.BadParameter("--gpus and --workers exclude each other", param_hint="--workers")
-        import torch
-
-        devices = gpu_devices(gpus, torch.cuda.device_count())
+        devices = gpu_devices(gpus, visible_gpus())
     return run_workers(opts, reporter, workers, devices, max_retries)
 
 

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from sfi.engine.workers import gpu_devices, split_jobs
+from sfi.engine.workers import gpu_devices, split_jobs, visible_gpus
 from sfi.errors import ConfigError
 from sfi.jobs import parse_jobs
 from sfi_cli.main import main
@@ -38,13 +38,23 @@ def _lines(path):
 
 
 def test_gpu_devices():
-    assert gpu_devices("all", 3) == ["0", "1", "2"]
-    assert gpu_devices("2", 3) == ["0", "1"] and gpu_devices("0,2", 3) == ["0", "2"]
+    three = ["0", "1", "2"]
+    assert gpu_devices("all", three) == three
+    assert gpu_devices("2", three) == ["0", "1"] and gpu_devices("0,2", three) == ["0", "2"]
     for bad in ("4", "0,3", "0,0", "x", "0"):
         with pytest.raises(ConfigError):
-            gpu_devices(bad, 3)
+            gpu_devices(bad, three)
     with pytest.raises(ConfigError, match="--workers"):
-        gpu_devices("all", 0)
+        gpu_devices("all", [])
+    # Indices are of the GPUs this process sees: under CUDA_VISIBLE_DEVICES=5,7, GPU 1 is the machine's 7.
+    assert gpu_devices("1,0", ["5", "7"]) == ["7", "5"]
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, GPU-8a1b,1,-1,2")
+    assert visible_gpus() == ["3", "GPU-8a1b", "1"]  # CUDA stops at the first invalid entry
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
 
 
 def test_split_jobs_balances_work_and_keeps_shared_prefixes_together():

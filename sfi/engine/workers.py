@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import subprocess
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -27,13 +28,36 @@ from .run import Observer, Runner, RunOptions, RunSummary, Silent
 PREFIX_CHARS = 2000  # jobs whose prompts agree on this many leading characters go to the same worker
 
 
-def gpu_devices(spec: str, available: int) -> list[str]:
-    """`--gpus`: "all", a count "N" (the first N) or indices "0,2" -> ["0", ...] (CUDA_VISIBLE_DEVICES values)."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries for its workers: the entries of its own
+    CUDA_VISIBLE_DEVICES (CUDA reads them up to the first invalid one), else one per GPU `nvidia-smi -L` lists.
+    No torch import: the driver never touches a GPU, so it neither pays for CUDA nor holds GPU memory."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        visible = []
+        for entry in (e.strip() for e in env.split(",")):
+            if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+                break
+            visible.append(entry)
+        return visible
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):  # no NVIDIA driver tools: ask CUDA itself
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    return [str(i) for i, _ in enumerate(line for line in listing.splitlines() if line.startswith("GPU "))]
+
+
+def gpu_devices(spec: str, visible: list[str]) -> list[str]:
+    """`--gpus`: "all", a count "N" (the first N) or indices "0,2" of the visible GPUs -> their CUDA_VISIBLE_DEVICES
+    entries (so `CUDA_VISIBLE_DEVICES=2,3 sfi run --gpus 1` uses GPU 3)."""
     spec = spec.strip().lower()
+    available = len(visible)
     if available == 0:
         raise ConfigError("--gpus: no GPU is visible here; use --workers N for CPU workers")
     if spec == "all":
-        return [str(i) for i in range(available)]
+        return list(visible)
     try:
         ids = [int(p) for p in spec.split(",") if p.strip()] if "," in spec else list(range(int(spec)))
     except ValueError:
@@ -41,7 +65,7 @@ def gpu_devices(spec: str, available: int) -> list[str]:
     bad = [i for i in ids if not 0 <= i < available]
     if not ids or bad or len(set(ids)) != len(ids):
         raise ConfigError(f"--gpus {spec!r}: {available} GPU(s) visible (indices 0-{available - 1})")
-    return [str(i) for i in ids]
+    return [visible[i] for i in ids]
 
 
 def _text(job: Job) -> str:
@@ -106,6 +130,9 @@ def _worker(slot: str, cpu: int, jobs: list[Job], opts: RunOptions, conn: Connec
                                                     "prefill_tokens_computed", "prefill_tokens_reused", "budget",
                                                     "config")}))
     conn.close()
+    # Everything is sent: leave without tearing the model, caches and CUDA down piece by piece (seconds the
+    # driver would wait in join); the operating system frees them at once.
+    os._exit(0)
 
 
 @dataclass

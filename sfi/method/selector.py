@@ -98,12 +98,18 @@ def select_fused(z: torch.Tensor, key_norms: torch.Tensor, k: int, p: SelectorPa
     rounding: the prefill's bootstrap uses it on a GPU, where the reference's dozens of passes over
     [Hq, W, N] float32 logits per layer cost more than the prefill's attention."""
     *lead, h, r, n = z.shape
-    z4 = z.float().reshape(-1, h, r, n).contiguous()
+    # The kernels see a capacity rounded up to 16 positions (the rest is never read): Triton compiles a kernel
+    # again for every new divisibility of its integer arguments, and prompt lengths would otherwise stall
+    # one job in several for a compilation.
+    cap = -(-n // 16) * 16
+    z4 = z.new_empty(math.prod(lead), h, r, cap, dtype=torch.float32)
+    z4[..., :n] = z.reshape(-1, h, r, n)
+    norms = z4.new_empty(z4.shape[0], h, cap)
+    norms[..., :n] = key_norms.reshape(-1, h, n)
     count = torch.full((z4.shape[0],), n, dtype=torch.int32, device=z.device)
     block = min(512, max(16, 4096 // (1 << (r - 1).bit_length())))  # a [rows, block] tile lives in registers
-    norms = key_norms.float().reshape(-1, h, n).contiguous()
     score = selector_scores(z4, norms, count, p, block=block) if z.is_cuda else selector_scores_ref(z4, norms, count, p)
-    return top_positions(score, k).reshape(*lead, h, -1)
+    return top_positions(score, min(k, n)).reshape(*lead, h, -1)  # -inf past n: never among the min(k, n) best
 
 
 def select_topk(z: torch.Tensor, key_norms: torch.Tensor, k: int, p: SelectorParams) -> torch.Tensor:
