@@ -15,10 +15,13 @@ from .cache import KVCache
 
 
 def capture_logits(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [Hq, R, D], keys [Hkv, N, D] -> scaled logits [Hq, R, N] (query head h reads KV head h // G)."""
-    hq, hkv = q.shape[0], keys.shape[0]
-    qg = q.float().reshape(hkv, hq // hkv * q.shape[1], q.shape[2])
-    return (torch.bmm(qg, keys.float().transpose(1, 2)) * scale).reshape(hq, q.shape[1], keys.shape[1])
+    """q [..., Hq, R, D], keys [..., Hkv, N, D] -> float32 scaled logits [..., Hq, R, N] (query head h reads KV head
+    h // G); leading dimensions (layers) are independent."""
+    *lead, hq, r, d = q.shape
+    hkv, n = keys.shape[-3], keys.shape[-2]
+    qg = q.float().reshape(-1, hq // hkv * r, d)  # [(...) * Hkv, G * R, D]
+    kt = keys.float().reshape(-1, n, d).transpose(1, 2)
+    return (torch.bmm(qg, kt) * scale).reshape(*lead, hq, r, n)
 
 
 def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
@@ -51,15 +54,23 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     return out
 
 
-def bootstrap(layer: int, q: torch.Tensor, cache: KVCache, end: int, capture, refresh, scale: float) -> None:
-    """Prefill's last W queries (q [Hq, W, D], positions end - W .. end - 1) -> logits -> refresh.
+BOOTSTRAP_BYTES = 1 << 30  # float32 logits and keys of the layers one bootstrap pass selects for
 
-    Each query sees only keys before its own position (a causal staircase over the domain).
-    """
-    w = q.shape[1]
-    z = capture_logits(q, cache.k[layer, capture.row, :, capture.lo:capture.hi], scale)  # [Hq, W, N]
-    if capture.hi > end - w + 1:  # some key lies after the first query (a recent span shorter than W)
-        qpos = torch.arange(end - w, end, device=q.device)[:, None]
-        kpos = torch.arange(capture.lo, capture.hi, device=q.device)[None, :]
-        z = z.masked_fill((kpos > qpos)[None], float("-inf"))
-    refresh(layer, capture.row, z)
+
+def bootstrap(queries: list[torch.Tensor], cache: KVCache, end: int, capture, refresh, scale: float) -> None:
+    """A prefill's last W queries of every layer (queries[layer] [Hq, W, D], positions end - W .. end - 1) -> their
+    logits over the domain [lo, hi) of the row -> refresh, as many layers per pass as fit BOOTSTRAP_BYTES: the
+    Selector's launches are paid once per group of layers, not per layer (a short prompt suffix is otherwise
+    bound by the host's launches). Each query sees only keys before its own position (a causal staircase)."""
+    hq, w, d = queries[0].shape
+    n, hkv = capture.hi - capture.lo, cache.k.shape[2]
+    group = max(1, min(len(queries), BOOTSTRAP_BYTES // max(1, 4 * n * (hq * w + hkv * d))))
+    for first in range(0, len(queries), group):
+        layers = slice(first, min(first + group, len(queries)))
+        keys = cache.k[layers, capture.row, :, capture.lo:capture.hi]  # [g, Hkv, N, D]
+        z = capture_logits(torch.stack(queries[layers]), keys, scale)  # [g, Hq, W, N]
+        if capture.hi > end - w + 1:  # some key lies after the first query (a recent span shorter than W)
+            qpos = torch.arange(end - w, end, device=z.device)[:, None]
+            kpos = torch.arange(capture.lo, capture.hi, device=z.device)[None, :]
+            z = z.masked_fill(kpos > qpos, float("-inf"))
+        refresh(layers, capture.row, z)

@@ -109,8 +109,8 @@ class ModelArgs:
 class PrefillStep:
     """One chunk of one row's prompt: tokens at positions [start, start + length) of cache row `row`.
 
-    With `bootstrap` (a runtime.Capture whose batch_index is the window W) the chunk's last W queries
-    capture their logits and `refresh` builds the row's first compact memory.
+    With `bootstrap` (a runtime.Capture whose batch_index is the window W) every layer keeps the chunk's last
+    W queries; after the last layer their logits go to `refresh`, which builds the row's first compact memory.
     """
 
     row: int
@@ -118,6 +118,7 @@ class PrefillStep:
     length: int
     bootstrap: Any = None
     refresh: Any = None
+    queries: list = field(default_factory=list)  # with bootstrap: each layer's last W queries [Hq, W, D]
 
 
 @dataclass
@@ -246,9 +247,8 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(step.length, end),
                                                      scale=self.scale, enable_gqa=True)
-        if step.bootstrap is not None:
-            w = step.bootstrap.batch_index
-            attention.bootstrap(self.layer, q[0, :, -w:], cache, end, step.bootstrap, step.refresh, self.scale)
+        if step.bootstrap is not None:  # the last W queries, for the bootstrap after the last layer
+            step.queries.append(q[0, :, -step.bootstrap.batch_index:].clone())
         return self.wo(out.transpose(1, 2).reshape(1, step.length, -1))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -340,6 +340,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens[None])  # [1, T, H]
         for layer in self.layers:
             h = layer(h, cos, sin, cache, step)
+        if step.bootstrap is not None:
+            attention.bootstrap(step.queries, cache, end, step.bootstrap, step.refresh, self.layers[0].attention.scale)
         return self._head(h[0]) if all_logits else self._head(h[0, -1])
 
     @torch.inference_mode()
@@ -355,6 +357,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens[None])  # [1, T, H]
         q_all = torch.empty(1, a.n_heads, t, a.head_dim, dtype=h.dtype, device=h.device)
         bounds = [(s, min(t, s + chunk)) for s in range(0, t, chunk)]
+        queries: list[torch.Tensor] = []
         for block in self.layers:
             att = block.attention
             kc, vc = cache.k[att.layer, row], cache.v[att.layer, row]  # [Hkv, S, D]
@@ -365,12 +368,13 @@ class Transformer(nn.Module):
                 vc[:, s:e] = v[0]
             out = F.scaled_dot_product_attention(q_all, kc[None, :, :t], vc[None, :, :t], is_causal=True,
                                                  scale=att.scale, enable_gqa=True)  # [1, Hq, T, D]
-            if bootstrap is not None:
-                w = bootstrap.batch_index
-                attention.bootstrap(att.layer, q_all[0, :, -w:], cache, t, bootstrap, refresh, att.scale)
+            if bootstrap is not None:  # q_all is rewritten by the next layer
+                queries.append(q_all[0, :, -bootstrap.batch_index:].clone())
             for s, e in bounds:
                 x = h[:, s:e] + att.wo(out[:, :, s:e].transpose(1, 2).reshape(1, e - s, -1))
                 h[:, s:e] = x + block.mlp(block.ffn_norm(x))
+        if bootstrap is not None:
+            attention.bootstrap(queries, cache, t, bootstrap, refresh, self.layers[0].attention.scale)
         return self._head(h[0, -1])
 
     @torch.inference_mode()

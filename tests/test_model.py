@@ -127,6 +127,29 @@ def test_layer_major_prefill_equals_chunked(tmp_path):
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
-    assert [(a, b) for a, b, _ in c1] == [(a, b) for a, b, _ in c0] and len(c0) == lm.args.n_layers
+    assert [(a, b) for a, b, _ in c1] == [(a, b) for a, b, _ in c0]
+    # The bootstrap refreshes groups of layers; together they are every layer, once, in order.
+    assert [i for a, _, _ in c0 for i in range(lm.args.n_layers)[a]] == list(range(lm.args.n_layers))
     for (_, _, z1), (_, _, z0) in zip(c1, c0, strict=True):
         torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-4)
+
+
+def test_bootstrap_layer_groups_do_not_change_captures(tmp_path, monkeypatch):
+    """However many layers one bootstrap pass takes (bounded by BOOTSTRAP_BYTES), the logits are the same."""
+    from sfi import attention
+    from sfi.engine.decoder import prefill_row
+    from sfi.loader import load_model
+    from sfi.method.runtime import Capture
+
+    lm = load_model(str(tiny.make_checkpoint(tmp_path, "qwen3", seed=5)), device="cpu")
+    ids = torch.tensor(tiny.tokenizer()(tiny.TEXT * 2)["input_ids"][:120])
+    runs = []
+    for budget in (attention.BOOTSTRAP_BYTES, 1):  # every layer in one pass; one layer per pass
+        monkeypatch.setattr(attention, "BOOTSTRAP_BYTES", budget)
+        captured = []
+        prefill_row(lm.model, lm.model.new_cache(1, 128), 0, ids, 48, Capture(16, 0, 4, 100),
+                    lambda layers, row, z, out=captured: out.append((layers, z)))
+        runs.append(captured)
+    whole, single = runs
+    assert len(whole) == 1 and len(single) == lm.args.n_layers
+    torch.testing.assert_close(torch.cat([z for _, z in single]), whole[0][1], rtol=0, atol=0)

@@ -132,7 +132,7 @@ def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[
     captured: list[torch.Tensor] = []
     capture = Capture(min(window, len(ids)), row, 0, len(ids))
     logits = prefill_row(model, cache, row, torch.tensor(list(ids), device=model.device), chunk, capture,
-                         lambda layer, r, z: captured.append(z))
+                         lambda layers, r, z: captured.extend(z.unbind(0)))  # z [layers, Hq, W, T]
     return Prefilled(logits, captured)
 
 

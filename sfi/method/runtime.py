@@ -21,7 +21,7 @@ from .boundary import Boundary, BoundaryState
 from .memory import SparseMemory
 from .selector import SelectorParams, select, select_fused, select_topk
 
-Refresh = Callable[[int, int, torch.Tensor], None]  # (layer, cache row, logits [Hq, R, N]) -> None
+Refresh = Callable[[slice, int, torch.Tensor], None]  # (layers, cache row, logits [layers, Hq, R, N]) -> None
 
 
 @dataclass
