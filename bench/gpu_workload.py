@@ -179,12 +179,15 @@ def bootstrap_selector(tiny: bool) -> dict:
 
 def workers_vs_plain(tmp: Path, jobs: list[dict], model: str) -> dict:
     """The same jobs as a plain `sfi run` and with `--gpus 1` (one worker process): wall time and the report's
-    jobs/hour; the worker path must cost nothing measurable."""
+    jobs/hour; the worker path must cost nothing measurable. Each process compiles what Triton's disk cache does
+    not hold yet, so an untimed run goes first, then the two in turn, twice; each keeps its faster run."""
     path = tmp / "workers.jsonl"
     write_jobs(path, jobs)
-    rows = {}
-    for name, extra in (("plain", []), ("--gpus 1", ["--gpus", "1"])):
-        report = tmp / f"workers-{len(rows)}.json"
+    rows: dict = {}
+    runs = [("warm-up", [])] + [(name, extra) for _ in range(2)
+                                for name, extra in (("plain", []), ("--gpus 1", ["--gpus", "1"]))]
+    for i, (name, extra) in enumerate(runs):
+        report = tmp / f"workers-{i}.json"
         cmd = [sys.executable, "-m", "sfi_cli.main", "run", str(path), "-o", str(tmp / f"workers-{len(rows)}.jsonl"),
                "--model", model, "--set", "generation.ignore_eos=true", "--overwrite", "--quiet", "--report",
                str(report), *extra]
@@ -192,9 +195,11 @@ def workers_vs_plain(tmp: Path, jobs: list[dict], model: str) -> dict:
         rc = subprocess.run(cmd).returncode
         wall = time.perf_counter() - t
         r = json.loads(report.read_text())
-        rows[name] = {"rc": rc, "wall_s": round(wall, 2), "jobs": r["jobs"], "timing": r["timing"],
-                      "command": " ".join(["sfi run JOBS -o OUT --model DIR --set generation.ignore_eos=true"] + extra)}
-        print("workers", name, rows[name], flush=True)
+        row = {"rc": rc, "wall_s": round(wall, 2), "jobs": r["jobs"], "timing": r["timing"],
+               "command": " ".join(["sfi run JOBS -o OUT --model DIR --set generation.ignore_eos=true"] + extra)}
+        print("workers", name, row, flush=True)
+        if name != "warm-up" and (name not in rows or row["wall_s"] < rows[name]["wall_s"]):
+            rows[name] = row
     rows["gpus1_over_plain_wall"] = round(rows["--gpus 1"]["wall_s"] / rows["plain"]["wall_s"], 3)
     return {"jobs": len(jobs), "runs": rows}
 
