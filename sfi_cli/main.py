@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -70,6 +71,9 @@ def run_command(
                                              show_default=False)] = None,
     max_retries: Annotated[int, typer.Option(min=0, help="Times a job is decoded again after its worker died "
                                              "(killed, out of memory) before it is reported as failed.")] = 2,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help="Decode on a Ray cluster, one actor "
+                   "per GPU (or --workers CPU actors): --ray alone starts a local Ray instance; ADDRESS is auto, "
+                   "HOST:PORT or ray://HOST:PORT. Needs pip install 'sfi[ray]'.", show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Decode every job of a JSONL file and write one result line per job."""
@@ -88,8 +92,8 @@ def run_command(
                       strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite,
                       compare_dense=compare is not None)
     try:
-        if gpus is not None or workers > 1:
-            summary = _run_workers(opts, reporter, workers, gpus, max_retries)
+        if gpus is not None or workers > 1 or ray is not None:
+            summary = _run_workers(opts, reporter, workers, gpus, max_retries, ray)
         else:
             summary = Runner(opts, reporter).run()
     finally:
@@ -100,15 +104,30 @@ def run_command(
     raise typer.Exit(summary.exit_code)
 
 
-def _run_workers(opts, reporter, workers: int, gpus: str | None, max_retries: int):
+def _run_workers(opts, reporter, workers: int, gpus: str | None, max_retries: int, ray: str | None):
     from sfi.engine.workers import gpu_devices, run_workers, visible_gpus
 
     devices = None
     if gpus is not None:
-        if workers > 1:
-            raise typer.BadParameter("--gpus and --workers exclude each other", param_hint="--workers")
+        if workers > 1 or ray is not None:
+            raise typer.BadParameter("--gpus takes neither --workers nor --ray (a Ray cluster gets one actor per "
+                                     "GPU)", param_hint="--gpus")
         devices = gpu_devices(gpus, visible_gpus())
-    return run_workers(opts, reporter, workers, devices, max_retries)
+    return run_workers(opts, reporter, workers, devices, max_retries, ray)
+
+
+_RAY_ADDRESS = re.compile(r"^(auto|local|[a-z][a-z0-9+.-]*://\S+|[A-Za-z0-9.-]+:\d+)$")
+
+
+def _ray_default(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional value: alone (last, or before another option or the jobs file) it means
+    "local", a Ray instance of the run's own."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray" and not (i + 1 < len(argv) and _RAY_ADDRESS.match(argv[i + 1])):
+            out.append("local")
+    return out
 
 
 @app.command("eval")
@@ -307,6 +326,7 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
+    argv = _ray_default(list(sys.argv[1:] if argv is None else argv))
     try:
         # Not standalone: click would map usage errors to its own exit code 2, which means "jobs failed" here.
         code = command.main(args=argv, prog_name="sfi", standalone_mode=False)

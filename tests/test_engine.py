@@ -200,3 +200,14 @@ def test_time_split_and_rates_in_the_report(ckpt, tmp_path):
     assert t["load_s"] + t["prefill_s"] + t["decode_s"] + t["idle_s"] == pytest.approx(t["elapsed_s"], abs=0.01)
     assert t["jobs_per_hour"] == pytest.approx(len(JOBS) * 3600 / t["elapsed_s"], rel=0.01)
     assert t["end_to_end_tok_s"] > 0
+
+
+def test_gpu_memory_held_unused_by_pytorch_counts_as_available(monkeypatch):
+    """A run's freed caches stay reserved by PyTorch's allocator: the next run in the process may plan with them
+    (otherwise each run of `sfi bench --workload` planned narrower batches than the one before)."""
+    from sfi.engine import scheduler
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 8 << 30)
+    assert scheduler.available_memory(torch.device("cuda", 0)) == (10 + 42) << 30

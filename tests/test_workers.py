@@ -122,3 +122,52 @@ def test_a_killed_worker_loses_and_duplicates_nothing(ckpt, tmp_path, retries):
         again = _lines(out)
         assert sorted(r["id"] for r in again) == sorted(j["id"] for j in long_jobs)
         assert all(r["finish_reason"] != "error" for r in again)
+
+
+def test_ray_flag_takes_an_optional_address():
+    from sfi_cli.main import _ray_default
+
+    assert _ray_default(["run", "j.jsonl", "--ray"]) == ["run", "j.jsonl", "--ray", "local"]
+    assert _ray_default(["run", "--ray", "j.jsonl"]) == ["run", "--ray", "local", "j.jsonl"]
+    assert _ray_default(["run", "--ray", "-q", "j.jsonl"]) == ["run", "--ray", "local", "-q", "j.jsonl"]
+    for address in ("auto", "10.0.0.5:6379", "ray://head:10001"):
+        assert _ray_default(["run", "j.jsonl", "--ray", address]) == ["run", "j.jsonl", "--ray", address]
+
+
+def test_ray_missing_says_how_to_install(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else object())
+    out = tmp_path / "out.jsonl"
+    assert main(["run", _write(tmp_path / "jobs.jsonl", JOBS[:1]), "-m", ckpt, "-o", str(out), "--ray"]) == 1
+    assert "pip install 'sfi[ray]'" in capsys.readouterr().err and not out.exists()
+
+
+def test_ray_actors_write_what_one_process_writes_and_survive_a_killed_actor(ckpt, tmp_path):
+    """A local Ray instance, two CPU actors: the same texts as one process; then one actor's process is killed
+    mid-run (SIGKILL, as a lost node): its unfinished jobs are decoded again, none lost or duplicated."""
+    pytest.importorskip("ray")
+    jobs = _write(tmp_path / "jobs.jsonl", JOBS)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(one), "-q"]) == 0
+    assert main(["run", jobs, "-m", ckpt, "-o", str(two), "-q", "--ray", "--workers", "2"]) == 0
+    assert {r["id"]: r["text"] for r in _lines(one)} == {r["id"]: r["text"] for r in _lines(two)}
+    assert len(_lines(two)) == len(JOBS)
+
+    long_jobs = _write(tmp_path / "long.jsonl", [j | {"max_new_tokens": 40} for j in JOBS])
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "sfi_cli.main", "run", long_jobs, "-m", ckpt, "-o", str(out),
+                             "--ray", "--workers", "2", "--set", "decode.max_batch_size=1"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while (not out.exists() or not out.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    actors = [c for c in psutil.Process(proc.pid).children(recursive=True)
+              if "_RayWorker" in " ".join(c.cmdline())]
+    assert actors, "no actor process to kill"
+    actors[0].kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "died" in err
+    lines = _lines(out)
+    assert sorted(r["id"] for r in lines) == sorted(j["id"] for j in JOBS)  # each job exactly once
+    assert all(r["finish_reason"] != "error" for r in lines)

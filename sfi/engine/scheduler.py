@@ -27,9 +27,12 @@ class Sized(Generic[T]):
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for caches now: free GPU memory, or the host's MemAvailable."""
+    """Bytes free for caches now: on a GPU the device's free memory plus what PyTorch's allocator holds unused
+    (a run's freed caches stay reserved by this process: a second run in it, such as `sfi bench --workload`'s
+    next recipe, would otherwise plan with less and less); on a CPU the host's MemAvailable."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(0, unused)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
