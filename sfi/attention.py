@@ -1,7 +1,8 @@
 """Attention of one layer of a decode step, and the bootstrap capture at the end of a prefill.
 
-Dense rows (the `dense` recipe, slow steps, contexts within budget) attend to their whole cache; fast rows
-to their compact memory and their recent span: one ranged-kernel launch for all of them. Slow rows' refresh
+Dense rows (the `dense` recipe, slow steps, contexts within budget) attend to their whole cache; fast rows to their
+compact memory and their recent span: one ranged-kernel launch for all of them, and one more for the slow rows of a
+step that has some (their whole-cache split would give the fast rows hundreds of empty blocks). Slow rows' refresh
 (Selector + compaction) writes only their own memory, which no row reads in the same step.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sfi_kernels import ranged_decode_attention, ranged_decode_attention_ref
+from sfi_kernels import LogitCapture, ranged_decode_attention, ranged_decode_attention_ref
 
 from .cache import KVCache
 
@@ -27,8 +28,10 @@ def capture_logits(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.T
 def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
     """q [B, Hq, D] for the rows of `step` (a model.DecodeStep) -> attention output [B, Hq, D].
 
-    Every row in one ranged-kernel launch (the kernel's reference on a CPU). A slow row's pass also leaves its
-    domain's logits and key norms for the in-step refresh, which runs after each group of layers."""
+    One ranged-kernel launch (the kernel's reference on a CPU) for the rows before the step's slow rows and one
+    for the slow rows, which come last, each with a split for its own ranges; a step without slow rows (or of
+    slow rows alone) is one launch. A slow row's pass also leaves its domain's logits and key norms for the
+    in-step refresh, which runs after each group of layers."""
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
     memory, refresh = step.memory, step.refresh
     mem_k, mem_v = (memory.k[layer], memory.v[layer]) if memory is not None else (kc, vc)
@@ -38,11 +41,18 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     if refresh is not None:
         refresh.before_attention(layer)
     capture = refresh.capture(layer) if refresh is not None else None
-    if q.is_cuda:
-        out, lse = ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
-                                           split=split, capture=capture)
-    else:  # the kernel's reference: the CPU runs the same step
-        out, lse = ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
+    f = q.shape[0] if dense or step.n_fast is None else step.n_fast
+    if f == q.shape[0]:  # one launch for every row
+        out, lse = _ranged(q, kc, vc, mem_k, mem_v, (rows, clen, start, span), scale, max_keys, split, capture)
+    else:  # fast rows with a split for their short ranges, then the slow rows (last) with theirs: a slow row's
+        # whole-cache split would give every fast row hundreds of empty blocks
+        meta = (rows, clen, start, span)
+        fast = _ranged(q[:f], kc, vc, mem_k, mem_v, [t[:f] for t in meta], scale, max_keys, split, None)
+        slow_capture = capture and LogitCapture(capture.slot[f:], capture.lo[f:], capture.hi[f:], capture.z,
+                                                capture.norms)
+        slow = _ranged(q[f:], kc, vc, mem_k, mem_v, [t[f:] for t in meta], scale, step.slow_keys, step.slow_split,
+                       slow_capture)
+        out, lse = torch.cat((fast[0], slow[0])), torch.cat((fast[1], slow[1]))
     if refresh is not None:
         refresh.after_attention(layer)  # after a group of layers: its Selector and compaction, on a side stream
     if step.probe is not None:
@@ -52,6 +62,15 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
         fast_rows = (step.ranges[1] > 0) | (step.ranges[2] > 0)  # rows whose step is fast in the other layers
         step.probe.record(layer, fast_rows, lse, dense_lse)
     return out
+
+
+def _ranged(q, kc, vc, mem_k, mem_v, meta, scale, max_keys, split, capture):
+    """One launch of the ranged kernel on a GPU (its reference on a CPU) for the rows of `meta`."""
+    rows, clen, start, span = meta
+    if q.is_cuda:
+        return ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
+                                       split=split, capture=capture)
+    return ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
 
 
 BOOTSTRAP_BYTES = 1 << 30  # float32 logits and keys of the layers one bootstrap pass selects for

@@ -7,15 +7,18 @@ or dense row an empty compact range + its whole cache. So slow rows do not break
 others. Slow rows' refreshes run inside the step, a group of layers at a time on a side stream after the
 group's last attention (see sfi.method.refresh), and are part of the graph.
 
-One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row
-and the rows decoding (`default_split`), the split count is the number of splits of the longest row rounded up
-(`_bucket`), so a growing batch keeps its graph for long stretches, and splits past a row's end cost an
-empty block each. With graphs, a step's batch is padded to the next power of two (at most the cache's rows):
-rows that are not decoding (free, or still prefilling) ride along as padding that reads and writes only their
-row's last position, which no real token has reached yet. Under continuous batching the number of decoding
-rows changes all the time; padded, the batch takes one of a few sizes, so graphs are not captured again for
-every new count, and a batch's tail of a few rows does not pay for the rows that have left. (Padding to every
-slot was measured on an H200: it made static batches' decode 1.5x slower, their tails running at full width.)
+One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row and the
+rows decoding (`default_split`), the split count is the number of splits of the longest row rounded up (`_bucket`),
+so a growing batch keeps its graph for long stretches, and splits past a row's end cost an empty block each. With
+graphs, a step's batch is padded to the next power of two (at most the cache's rows): rows that are not decoding
+(free, or still prefilling) ride along as padding that reads and writes only their row's last position, which no
+real token has reached yet. Slow rows come last (the decoder orders them so) and attend in a launch of their own
+with a split for their whole caches, the other rows with a split for their short ranges: one split for all made the
+fast rows of a slow step run a 128k row's split count, mostly empty blocks (p90 step 20.7 ms against p50 4.2 ms at
+128k x 4 on an H200, before this). Under continuous batching the number of decoding rows changes all the time;
+padded, the batch takes one of a few sizes, so graphs are not captured again for every new count, and a batch's tail
+of a few rows does not pay for the rows that have left. (Padding to every slot was measured on an H200: it made
+static batches' decode 1.5x slower, their tails running at full width.)
 """
 
 from __future__ import annotations
@@ -62,13 +65,16 @@ class _Buffers:
         dense = (*self.dense_meta.unbind(0), shape.dense_keys) if shape.dense_layers else None
         return DecodeStep(rows=self.rows, positions=self.positions, ranges=(rows, clen, start, span, shape.max_keys),
                           memory=memory, refresh=refresh, split=shape.split, probe=probe,
-                          dense_layers=shape.dense_layers, dense_ranges=dense, dense_split=shape.dense_split)
+                          dense_layers=shape.dense_layers, dense_ranges=dense, dense_split=shape.dense_split,
+                          n_fast=shape.n_fast if shape.n_fast >= 0 else None, slow_keys=shape.slow_keys,
+                          slow_split=shape.slow_split or None)
 
 
 @dataclass(frozen=True)
 class _Shape:
     """What a step's graph is captured for: batch, the ranged kernel's key capacity and split, the slow-row count,
-    and the same capacity and split for the first `dense_layers` layers (which read every row's whole cache)."""
+    the slow rows' own capacity and split (they attend in a launch of their own), and the capacity and split for
+    the first `dense_layers` layers (which read every row's whole cache)."""
 
     batch: int
     max_keys: int
@@ -77,6 +83,9 @@ class _Shape:
     dense_layers: int = 0
     dense_keys: int = 0
     dense_split: int = 0
+    n_fast: int = -1  # with slow rows (the last n_slow) and rows before them: where the slow rows' launch starts
+    slow_keys: int = 0  # the slow rows' own key capacity and split
+    slow_split: int = 0
 
 
 def _capacity(longest: int, batch_heads: int) -> tuple[int, int]:
@@ -109,24 +118,38 @@ class StaticDecoder:
         index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
         refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
         layer's attention; such steps are launched op by op."""
-        n = len(rows)
+        n, n_slow = len(rows), len(slow)
+        f = n - n_slow  # the caller puts the slow rows last
+        if any(i < f for i, _, _ in slow):
+            raise ValueError("slow rows must come last in a step's batch")
         width = min(self.cache.batch, 1 << max(0, n - 1).bit_length())
-        if self.pad and n < width and probe is None:
+        pads = 0
+        if self.pad and n < width and probe is None:  # idle rows go between the fast rows and the slow ones
             busy = set(rows)
             idle = [r for r in range(self.cache.batch) if r not in busy][:width - n]
-            last = self.cache.max_len - 1
-            tokens, rows = [*tokens, *[0] * len(idle)], [*rows, *idle]
-            positions, span_start = [*positions, *[last] * len(idle)], [*span_start, *[last] * len(idle)]
-            compact_len = [*compact_len, *[0] * len(idle)]
+            pads, last = len(idle), self.cache.max_len - 1
+            between = lambda xs, fill: [*xs[:f], *fill, *xs[f:]]  # noqa: E731
+            tokens, rows = between(tokens, [0] * pads), between(rows, idle)
+            positions, span_start = between(positions, [last] * pads), between(span_start, [last] * pads)
+            compact_len = between(compact_len, [0] * pads)
+            slow = [(i + pads, lo, hi) for i, lo, hi in slow]
         b = len(rows)
         buf = self._buffers.get(b)
         if buf is None:
             buf = self._buffers[b] = _Buffers(self.model, b)
         span = [p + 1 - s for p, s in zip(positions, span_start, strict=True)]
-        heads = n * self.cache.k.shape[2]  # the split fits the rows that decode, not the padding
-        max_keys, split = _capacity(max(c + s for c, s in zip(compact_len, span, strict=True)), heads)
+        keys = [c + s for c, s in zip(compact_len, span, strict=True)]
+        hkv = self.cache.k.shape[2]
+        heads = n * hkv  # the split fits the rows that decode, not the padding
         dense_keys, dense_split = _capacity(max(positions) + 1, heads) if self.dense_layers else (0, 0)
-        shape = _Shape(b, max_keys, split, len(slow), self.dense_layers, dense_keys, dense_split)
+        if n_slow and f + pads:  # two launches: the rows before the slow ones, then the slow rows
+            max_keys, split = _capacity(max(keys[:f + pads]), max(f, 1) * hkv)
+            slow_keys, slow_split = _capacity(max(keys[f + pads:]), n_slow * hkv)
+            shape = _Shape(b, max_keys, split, n_slow, self.dense_layers, dense_keys, dense_split, f + pads,
+                           slow_keys, slow_split)
+        else:
+            max_keys, split = _capacity(max(keys), heads)
+            shape = _Shape(b, max_keys, split, n_slow, self.dense_layers, dense_keys, dense_split)
         host = buf.host
         if buf.copied is not None:
             buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
@@ -151,18 +174,21 @@ class StaticDecoder:
             buf.dense_meta[3].copy_(dev[2] + 1)
         refresh = None
         if slow:
-            refresh = self._refresh(buf, b, max_keys)
+            refresh = self._refresh(buf, b, shape.slow_keys or max_keys)
             refresh.row_meta.copy_(dev[7:10])
             refresh.meta.copy_(dev[10:14])
             refresh = refresh.for_step(len(slow))
         if not self.graphs or probe is not None:
             self.captured = False
-            return self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))[:n]
-        self.captured = shape not in self._graphs
-        if self.captured:
-            self._graphs[shape] = self._capture(buf, shape, refresh)
-        graph, logits = self._graphs[shape]
-        graph.replay()
+            logits = self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))
+        else:
+            self.captured = shape not in self._graphs
+            if self.captured:
+                self._graphs[shape] = self._capture(buf, shape, refresh)
+            graph, logits = self._graphs[shape]
+            graph.replay()
+        if pads and n_slow:  # the real rows, in the caller's order
+            return torch.cat((logits[:f], logits[f + pads:]))
         return logits[:n]
 
     def _refresh(self, buf: _Buffers, batch: int, max_keys: int) -> StepRefresh:

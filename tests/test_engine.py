@@ -115,9 +115,14 @@ def test_padding_idle_slots_leaves_every_rows_tokens_unchanged(ckpt, monkeypatch
     lm = load_model(ckpt, device="cpu")
     cfg = SfiConfig(sink=4, k_head=16, recent=8)
     ids = tiny.tokenizer()(TEXT)["input_ids"]
-    outs: list[torch.Tensor] = []
-    decode = lm.model.decode
+    from sfi.graphs import StaticDecoder
+
+    outs: list[torch.Tensor] = []  # every model step's logits, padding rows included: the step's width
+    returned: list[torch.Tensor] = []  # the decoding rows' logits, in their order
+    decode, static_decode = lm.model.decode, StaticDecoder.decode
     monkeypatch.setattr(lm.model, "decode", lambda *a: outs.append(decode(*a).clone()) or outs[-1])
+    monkeypatch.setattr(StaticDecoder, "decode",
+                        lambda *a, **k: returned.append(static_decode(*a, **k).clone()) or returned[-1])
 
     def run(pad: bool) -> tuple[list[list[int]], list[int]]:
         rt = SfiRuntime(cfg, FixedPeriod(4), 4, lm.args.kv_bytes_per_token(lm.model.dtype))
@@ -132,8 +137,8 @@ def test_padding_idle_slots_leaves_every_rows_tokens_unchanged(ckpt, monkeypatch
                 if queue:
                     decoder.admit(slot, queue.pop(0))
             decoder.prefill(32)
-            if (event := decoder.step()) is not None:
-                logits.append(outs[-1][:len(event.rows)])
+            if decoder.step() is not None:
+                logits.append(returned[-1])
         return [r.stopper.token_ids for r in reqs], logits, [len(o) for o in outs]
 
     padded, padded_logits, widths = run(True)

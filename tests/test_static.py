@@ -108,3 +108,39 @@ def test_split_buckets():
 
 def test_refresh_groups_divide_the_layers():
     assert [group_size(n) for n in (1, 2, 6, 28, 30, 36, 31)] == [1, 1, 2, 7, 10, 12, 1]
+
+
+def test_slow_rows_in_a_launch_of_their_own_change_nothing():
+    """A step with slow rows attends in two launches (the rows before them with a short split, the slow rows, last,
+    with theirs): the same outputs, and the same logits captured for the refresh, as one launch for all rows."""
+    from sfi import attention
+    from sfi.model import DecodeStep
+
+    g = torch.Generator().manual_seed(1)
+    layers, bc, hkv, hq, length, d, sink, k_head = 2, 5, 2, 4, 80, 8, 4, 12
+    cache = KVCache(layers, bc, hkv, length, d, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    memory = SparseMemory(layers, bc, hkv, sink, k_head, d, torch.float32, "cpu")
+    memory.k.copy_(torch.randn(memory.k.shape, generator=g))
+    memory.v.copy_(torch.randn(memory.v.shape, generator=g))
+    # Batch rows: two fast rows (compact + recent span), an idle padding row, then two slow rows (whole cache).
+    rows = torch.tensor([3, 0, 4, 1, 2])
+    positions = torch.tensor([60, 41, length - 1, 70, 55])
+    clen = torch.tensor([sink + k_head, sink + 7, 0, 0, 0], dtype=torch.int32)
+    start = torch.tensor([52, 35, length - 1, 0, 0], dtype=torch.int32)
+    span = (positions + 1 - start).to(torch.int32)
+    q = torch.randn(5, hq, d, generator=g)
+    outs = []
+    for n_fast in (None, 3):
+        refresh = StepRefresh(cache, memory, SelectorParams(), batch=5, capacity=length, n_heads=hq)
+        refresh.row_meta.copy_(torch.tensor([[-1, -1, -1, 0, 1], [0, 0, 0, sink, sink], [0, 0, 0, 63, 48]],
+                                            dtype=torch.int32))
+        step = DecodeStep(rows, positions, (rows.to(torch.int32), clen, start, span, 71), memory=memory,
+                          refresh=refresh, n_fast=n_fast, slow_keys=71)
+        out = attention.decode(0, q, cache, step, 0.3)
+        outs.append((out, refresh.z[0, :2, 0].clone()))
+    (one, z_one), (two, z_two) = outs
+    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    torch.testing.assert_close(z_two, z_one, rtol=0, atol=0)
+    assert torch.isfinite(z_one[0, :, :63 - sink]).all()  # the slow rows' logits were captured

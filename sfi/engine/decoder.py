@@ -306,6 +306,11 @@ class Decoder:
         rt = self.runtime
         lengths = {s: self.rows[s].length for s in active}
         kinds, captures = rt.kinds(active, lengths) if rt is not None else (None, [])
+        if captures:  # slow rows last: the step attends to them in a launch of their own (sfi.graphs)
+            order = sorted(range(len(active)), key=lambda i: kinds[i] == "slow")
+            active, kinds = [active[i] for i in order], [kinds[i] for i in order]
+            for c in captures:
+                c.batch_index = order.index(c.batch_index)
         clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
         slow = [(c.batch_index, c.lo, c.hi) for c in captures]
         logits = self.static.decode([self.rows[s].last for s in active], active, [lengths[s] for s in active],
