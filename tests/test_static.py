@@ -26,16 +26,22 @@ import tiny
 SPAN = dict(span_successors=3, span_block=4)  # 3: the kernel's two-window path
 
 
+def random_cache(g, layers, rows, hkv, length, d, sink, k_head) -> tuple[KVCache, SparseMemory]:
+    """A float32 cache of random K/V and a compact memory (random too; the tests that check writes fill it)."""
+    cache = KVCache(layers, rows, hkv, length, d, torch.float32, "cpu")
+    memory = SparseMemory(layers, rows, hkv, sink, k_head, d, torch.float32, "cpu")
+    for t in (cache.k, cache.v, memory.k, memory.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    return cache, memory
+
+
 @pytest.mark.parametrize("params", [SPEC, SelectorParams(), SelectorParams(**SPAN)], ids=["spec", "ours", "span"])
 def test_step_refresh_writes_what_the_selector_picks(params):
     """Six layers in three groups of two (the third group reuses the first's buffers), two slow rows with
     different domains: the compact memory holds the sink and exactly the rows `select` picks."""
     g = torch.Generator().manual_seed(0)
     layers, rows, hkv, hq, length, d, sink, k_head = 6, 3, 4, 8, 90, 8, 4, 20
-    cache = KVCache(layers, rows, hkv, length, d, torch.float32, "cpu")
-    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    memory = SparseMemory(layers, rows, hkv, sink, k_head, d, torch.float32, "cpu")
+    cache, memory = random_cache(g, layers, rows, hkv, length, d, sink, k_head)
     memory.k.fill_(float("nan"))
     refresh = StepRefresh(cache, memory, params, batch=rows, capacity=length, n_heads=hq)
     slots = [(2, sink, 70), (0, sink, 30)]  # (cache row, lo, hi): domains of 66 and 26 positions
@@ -117,20 +123,15 @@ def test_slow_rows_in_a_launch_of_their_own_change_nothing():
     from sfi.model import DecodeStep
 
     g = torch.Generator().manual_seed(1)
-    layers, bc, hkv, hq, length, d, sink, k_head = 2, 5, 2, 4, 80, 8, 4, 12
-    cache = KVCache(layers, bc, hkv, length, d, torch.float32, "cpu")
-    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    memory = SparseMemory(layers, bc, hkv, sink, k_head, d, torch.float32, "cpu")
-    memory.k.copy_(torch.randn(memory.k.shape, generator=g))
-    memory.v.copy_(torch.randn(memory.v.shape, generator=g))
+    hq, length, sink = 4, 80, 4
+    cache, memory = random_cache(g, 2, 5, 2, length, 8, sink, 12)
     # Batch rows: two fast rows (compact + recent span), an idle padding row, then two slow rows (whole cache).
     rows = torch.tensor([3, 0, 4, 1, 2])
     positions = torch.tensor([60, 41, length - 1, 70, 55])
-    clen = torch.tensor([sink + k_head, sink + 7, 0, 0, 0], dtype=torch.int32)
+    clen = torch.tensor([sink + 12, sink + 7, 0, 0, 0], dtype=torch.int32)
     start = torch.tensor([52, 35, length - 1, 0, 0], dtype=torch.int32)
     span = (positions + 1 - start).to(torch.int32)
-    q = torch.randn(5, hq, d, generator=g)
+    q = torch.randn(5, hq, 8, generator=g)
     outs = []
     for n_fast in (None, 3):
         refresh = StepRefresh(cache, memory, SelectorParams(), batch=5, capacity=length, n_heads=hq)
