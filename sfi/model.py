@@ -7,7 +7,9 @@ token for each of several rows, every row at its own position, each reading its 
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,8 +236,21 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                step: PrefillStep) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)  # q [1, Hq, T, D], k/v [1, Hkv, T, D]
+                steps: Sequence[PrefillStep]) -> torch.Tensor:
+        """x [1, N, H]: the chunks of `steps`' rows one after the other (N their lengths summed), cos/sin [N, D] at
+        their positions. Projections over all N tokens at once; attention row by row, each over its own cache."""
+        q, k, v = self._qkv(x, cos, sin)  # q [1, Hq, N, D], k/v [1, Hkv, N, D]
+        outs, first = [], 0
+        for step in steps:
+            rows = slice(first, first + step.length)
+            first += step.length
+            outs.append(self._attend_chunk(q[:, :, rows], k[:, :, rows], v[:, :, rows], cache, step))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return self.wo(out.transpose(1, 2).reshape(1, first, -1))
+
+    def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                      step: PrefillStep) -> torch.Tensor:
+        """One row's chunk: write its K/V into the row's cache, attend (causal) over the row up to itself."""
         end = step.start + step.length
         kc, vc = cache.k[self.layer, step.row], cache.v[self.layer, step.row]  # [Hkv, S, D]
         kc[:, step.start:end] = k[0]
@@ -247,14 +262,14 @@ class Attention(nn.Module):
             # Chunk i sees every cached key plus the chunk's own keys up to itself: a causal mask aligned
             # to the bottom right, which SDPA runs as a fused (flash-style) kernel without materialising
             # a [T, end] score matrix, so a 128k prompt needs memory linear in its length.
-            if x.is_cuda and self.n_heads != self.n_kv_heads:
+            if q.is_cuda and self.n_heads != self.n_kv_heads:
                 out = _grouped_chunk_attention(q, keys, values, self.scale)
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(step.length, end),
                                                      scale=self.scale, enable_gqa=True)
         if step.bootstrap is not None:  # the last W queries, for the bootstrap after the last layer
             step.queries.append(q[0, :, -step.bootstrap.batch_index:].clone())
-        return self.wo(out.transpose(1, 2).reshape(1, step.length, -1))
+        return out  # [1, Hq, T, D]
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                step: DecodeStep) -> torch.Tensor:
@@ -290,8 +305,8 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                step: PrefillStep | DecodeStep) -> torch.Tensor:
-        attend = self.attention.prefill if isinstance(step, PrefillStep) else self.attention.decode
+                step: Sequence[PrefillStep] | DecodeStep) -> torch.Tensor:
+        attend = self.attention.decode if isinstance(step, DecodeStep) else self.attention.prefill
         h = x + attend(self.attention_norm(x), cos, sin, cache, step)
         return h + self.mlp(self.ffn_norm(h))
 
@@ -340,14 +355,34 @@ class Transformer(nn.Module):
     def prefill(self, tokens: torch.Tensor, cache: KVCache, step: PrefillStep,
                 all_logits: bool = False) -> torch.Tensor:
         """tokens [T] of one row -> float32 logits [V] of the last position ([T, V] with all_logits)."""
-        end = step.start + step.length
-        cos, sin = self.rope_cos[step.start:end], self.rope_sin[step.start:end]  # [T, D]
-        h = self.tok_embeddings(tokens[None])  # [1, T, H]
+        logits = self.prefill_rows([tokens], cache, [step], all_logits)
+        return logits if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, tokens: Sequence[torch.Tensor], cache: KVCache, steps: Sequence[PrefillStep],
+                     all_logits: bool = False) -> torch.Tensor:
+        """A chunk of each of several rows' prompts in one forward (tokens[i] [T_i] for steps[i]): the projections
+        and the MLP run once over all their tokens, attention row by row over each row's own cache, so rows that
+        each have a short chunk left (questions after a shared document) cost about one row's launches. Returns
+        float32 logits [rows, V] of each row's last position ([sum T_i, V] with all_logits); the same as `prefill`
+        row by row."""
+        if len(steps) == 1:
+            s = steps[0]
+            cos, sin = self.rope_cos[s.start:s.start + s.length], self.rope_sin[s.start:s.start + s.length]
+        else:
+            at = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in steps])
+            cos, sin = self.rope_cos[at], self.rope_sin[at]  # [N, D]
+        h = self.tok_embeddings((tokens[0] if len(tokens) == 1 else torch.cat(list(tokens)))[None])  # [1, N, H]
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, step)
-        if step.bootstrap is not None:
-            attention.bootstrap(step.queries, cache, end, step.bootstrap, step.refresh, self.layers[0].attention.scale)
-        return self._head(h[0]) if all_logits else self._head(h[0, -1])
+            h = layer(h, cos, sin, cache, steps)
+        for s in steps:
+            if s.bootstrap is not None:
+                attention.bootstrap(s.queries, cache, s.start + s.length, s.bootstrap, s.refresh,
+                                    self.layers[0].attention.scale)
+        if all_logits:
+            return self._head(h[0])
+        last = torch.tensor(list(itertools.accumulate(s.length for s in steps)), device=self.device) - 1
+        return self._head(h[0, last])
 
     @torch.inference_mode()
     def prefill_layer_major(self, tokens: torch.Tensor, cache: KVCache, row: int, chunk: int,

@@ -80,6 +80,23 @@ def test_shared_prefixes_are_prefilled_once_with_identical_outputs(ckpt, tmp_pat
     assert all(r["prefill_tokens_reused"] == 0 for r in plain.values())
 
 
+def test_last_chunks_share_one_forward(ckpt, tmp_path, monkeypatch):
+    """Followers of a shared prefix (and short prompts) whose last chunks fit one chunk's tokens are prefilled in
+    one forward, with the texts of a run that prefills each alone, SFI engaged."""
+    from sfi.model import Transformer
+
+    sfi = ("--set", "sfi.k_head=16", "--set", "sfi.recent=8", "--set", "decode.prefix_min_tokens=32")
+    alone = _run(ckpt, tmp_path, QUESTIONS, "alone", *sfi, "--set", "decode.max_batch_size=1")
+    widths = []
+    prefill_rows = Transformer.prefill_rows
+    monkeypatch.setattr(Transformer, "prefill_rows",
+                        lambda self, tokens, *a, **k: widths.append(len(tokens)) or prefill_rows(self, tokens, *a, **k))
+    together = _run(ckpt, tmp_path, QUESTIONS, "together", *sfi)
+    assert max(widths) == 3  # the three followers' suffixes in one forward
+    assert _texts(together) == _texts(alone)
+    assert sum(r["sfi"]["sparse"] for r in together.values()) == len(QUESTIONS)
+
+
 def test_a_refilled_slot_starts_clean(ckpt):
     """One slot, an SFI job that refreshed its memory, then another job: the second's tokens are those it
     gets in a fresh decoder."""

@@ -221,8 +221,9 @@ class Decoder:
 
     # -- prefill --------------------------------------------------------------------------------------
     def prefill(self, budget: int | None = None) -> list[PrefillDone]:
-        """Prefill queued prompts in admission order, up to `budget` tokens (None: all of them). A prompt
-        prefilled whole in one call goes through `prefill_row` (layer by layer on a GPU)."""
+        """Prefill queued prompts in admission order, up to `budget` tokens (None: all of them). A long prompt
+        prefilled whole in one call goes through `prefill_row` (layer by layer on a GPU); the others a chunk per
+        forward, prompts whose last chunks fit one chunk's tokens together in the same forward."""
         done: list[PrefillDone] = []
         spent = 0
         waiting: list[_Prefill] = []  # followers whose prefix is not in their source row yet
@@ -232,30 +233,59 @@ class Decoder:
                 waiting.append(p)
                 continue
             started = time.perf_counter()
-            row = self.rows[p.row]
-            if p.prefilled is not None:
-                logits = self._from_prefilled(p)
+            if p.prefilled is not None or (budget is None and p.reused == 0 and len(p.ids) > self.chunk):
+                if p.prefilled is not None:
+                    logits = self._from_prefilled(p)
+                else:  # a long prompt alone, nothing else running: layer by layer on a GPU
+                    logits = prefill_row(self.model, self.cache, p.row, p.ids, self.chunk, p.bootstrap,
+                                         self._refresh())
+                    spent += len(p.ids)
                 p.chunks.clear()
-            elif budget is None and p.reused == 0:
-                logits = prefill_row(self.model, self.cache, p.row, p.ids, self.chunk, p.bootstrap, self._refresh())
-                spent += len(p.ids)
-                p.chunks.clear()
-            else:
-                start, end, last = p.chunks.popleft()
-                step = PrefillStep(p.row, start, end - start, p.bootstrap if last else None,
-                                   self._refresh() if last else None)
-                logits = self.model.prefill(p.ids[start:end], self.cache, step)
-                spent += end - start
-                row.progress = end
-            _settle(logits)
-            p.seconds += time.perf_counter() - started
-            if p.chunks:  # first come, first finished: the same prompt goes on while the budget lasts
-                self.prefills.appendleft(p)
+                _settle(logits)
+                p.seconds += time.perf_counter() - started
+                done.append(self._first_token(p, logits))
                 continue
-            row.progress = len(p.ids)
-            done.append(self._first_token(p, logits))
+            # The next chunk of this prompt, and with its last chunk the last (or only) chunks of the prompts queued
+            # behind it, as many as fit one chunk's tokens: one forward for all of them (sfi.model.prefill_rows).
+            n = p.chunks[0][1] - p.chunks[0][0]
+            room = self.chunk if budget is None else min(self.chunk, budget - spent)
+            batch = [p] + (self._companions(room - n) if len(p.chunks) == 1 else [])
+            spans = [q.chunks.popleft() for q in batch]
+            steps = [PrefillStep(q.row, a, b - a, q.bootstrap if last else None, self._refresh() if last else None)
+                     for q, (a, b, last) in zip(batch, spans, strict=True)]
+            logits = self.model.prefill_rows([q.ids[a:b] for q, (a, b, _) in zip(batch, spans, strict=True)],
+                                             self.cache, steps)
+            _settle(logits)
+            elapsed, tokens = time.perf_counter() - started, sum(b - a for a, b, _ in spans)
+            spent += tokens
+            for q, (a, b, _), last_logits in zip(batch, spans, logits, strict=True):
+                q.seconds += elapsed * (b - a) / tokens  # the forward's time, shared by tokens
+                self.rows[q.row].progress = b
+                if q.chunks:  # first come, first finished: the same prompt goes on while the budget lasts
+                    self.prefills.appendleft(q)
+                else:
+                    done.append(self._first_token(q, last_logits))
         self.prefills.extendleft(reversed(waiting))
         return done
+
+    def _companions(self, room: int) -> list[_Prefill]:
+        """Queued prompts, in queue order, whose one remaining chunk fits `room` tokens together (a follower
+        whose prefix is not ready yet stays queued): taken out of the queue to share the forward at hand."""
+        taken: list[_Prefill] = []
+        for q in list(self.prefills):
+            if room <= 0:
+                break
+            if q.prefilled is not None or len(q.chunks) != 1 or q.chunks[0][1] - q.chunks[0][0] > room:
+                continue
+            if q.waits_for is not None and not self._copy_prefix(q):
+                continue
+            n = sum(b - a for a, b, _ in q.chunks)  # again: a follower whose source left computes it all
+            if len(q.chunks) != 1 or n > room:
+                continue
+            self.prefills.remove(q)
+            taken.append(q)
+            room -= n
+        return taken
 
     def _refresh(self):
         return self.runtime.refresh if self.runtime is not None else None
