@@ -7,6 +7,7 @@ token for each of several rows, every row at its own position, each reading its 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -182,35 +183,41 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-_FLASH_GROUPED: bool | None = None  # does the flash op take grouped K/V here? (None: not tried yet)
+def _expanded_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA with K/V repeated per query head and a bottom-right causal mask (the fallback: one copy of the keys
+    per query head)."""
+    g = q.shape[1] // keys.shape[1]
+    k, v = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
+
+
+def _flash_grouped(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, True, False, scale=scale)[0]
+
+
+@functools.cache
+def _flash_reads_grouped_kv(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the flash op here takes K/V with fewer heads than Q, causal aligned to the bottom right, and agrees
+    with the expanded form: checked once per device, dtype and head size on a small random problem."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, head_dim, device=device, dtype=dtype, generator=g)
+               for h, n in ((8, 24), (2, 80), (2, 80)))
+    scale = head_dim ** -0.5
+    try:
+        out = _flash_grouped(q, k, v, scale)
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(out.float(), _expanded_chunk_attention(q, k, v, scale).float(), rtol=2e-2, atol=2e-2))
 
 
 def _grouped_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """A prefill chunk's attention on a GPU: q [1, Hq, T, D] over keys/values [1, Hkv, S, D] (S >= T, the chunk's
     keys last), causal aligned to the bottom right. SDPA routes this mask to flash attention only with as many K/V
     heads as query heads, which would mean copying the row's whole cache G times per chunk per layer. The flash op
-    itself reads grouped K/V in place, and its causal mask is bottom-right aligned when T < S; its first use is
-    checked against the expanded form, which stays the fallback where the op refuses or disagrees."""
-    global _FLASH_GROUPED
-
-    def expanded() -> torch.Tensor:
-        g = q.shape[1] // keys.shape[1]
-        k, v = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
-                                              scale=scale)
-
-    if _FLASH_GROUPED is False:
-        return expanded()
-    try:
-        out = torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, True, False, scale=scale)[0]
-    except RuntimeError:
-        _FLASH_GROUPED = False
-        return expanded()
-    if _FLASH_GROUPED is None:
-        _FLASH_GROUPED = bool(torch.allclose(out.float(), expanded().float(), rtol=2e-2, atol=2e-2))
-        if not _FLASH_GROUPED:
-            return expanded()
-    return out
+    itself reads grouped K/V in place (its causal mask is bottom-right aligned when T < S) where it does here."""
+    if _flash_reads_grouped_kv(q.device, q.dtype, q.shape[-1]):
+        return _flash_grouped(q, keys, values, scale)
+    return _expanded_chunk_attention(q, keys, values, scale)
 
 
 class Attention(nn.Module):

@@ -153,3 +153,17 @@ def test_bootstrap_layer_groups_do_not_change_captures(tmp_path, monkeypatch):
     whole, single = runs
     assert len(whole) == 1 and len(single) == lm.args.n_layers
     torch.testing.assert_close(torch.cat([z for _, z in single]), whole[0][1], rtol=0, atol=0)
+
+
+def test_grouped_chunk_attention_equals_sdpa_with_grouped_heads():
+    """The GPU's chunk attention (flash reading grouped K/V in place where this device's flash op takes them,
+    else K/V expanded per query head) = SDPA with grouped heads and a bottom-right causal mask; here on the CPU."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from sfi.model import _grouped_chunk_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((8, 7), (2, 50), (2, 50)))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(7, 50), scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(_grouped_chunk_attention(q, k, v, 0.25), want, rtol=1e-5, atol=1e-5)
