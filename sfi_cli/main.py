@@ -64,9 +64,9 @@ def run_command(
     strict: Annotated[bool, typer.Option(help="Abort before loading the model if any line is bad.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start the output over instead of resuming.")] = False,
     report: Report = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes on the CPU, each with its own model copy "
-                                         "and its share of the jobs; the output is written by this process alone.")]
-    = 1,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes on the CPU, each with its own model "
+                       "copy and its share of the jobs; the output is written by this process alone (without it: "
+                       "one process decodes).", show_default=False)] = None,
     gpus: Annotated[str | None, typer.Option(help="One worker per GPU: all, a count (2), or indices (0,1).",
                                              show_default=False)] = None,
     max_retries: Annotated[int, typer.Option(min=0, help="Times a job is decoded again after its worker died "
@@ -92,7 +92,7 @@ def run_command(
                       strict=strict, truncate=truncate.value if truncate else None, overwrite=overwrite,
                       compare_dense=compare is not None)
     try:
-        if gpus is not None or workers > 1 or ray is not None:
+        if gpus is not None or workers is not None or ray is not None:
             summary = _run_workers(opts, reporter, workers, gpus, max_retries, ray)
         else:
             summary = Runner(opts, reporter).run()
@@ -104,16 +104,16 @@ def run_command(
     raise typer.Exit(summary.exit_code)
 
 
-def _run_workers(opts, reporter, workers: int, gpus: str | None, max_retries: int, ray: str | None):
+def _run_workers(opts, reporter, workers: int | None, gpus: str | None, max_retries: int, ray: str | None):
     from sfi.engine.workers import gpu_devices, run_workers, visible_gpus
 
     devices = None
     if gpus is not None:
-        if workers > 1 or ray is not None:
+        if workers is not None or ray is not None:
             raise typer.BadParameter("--gpus takes neither --workers nor --ray (a Ray cluster gets one actor per "
                                      "GPU)", param_hint="--gpus")
         devices = gpu_devices(gpus, visible_gpus())
-    return run_workers(opts, reporter, workers, devices, max_retries, ray)
+    return run_workers(opts, reporter, workers or 1, devices, max_retries, ray)
 
 
 _RAY_ADDRESS = re.compile(r"^(auto|local|[a-z][a-z0-9+.-]*://\S+|[A-Za-z0-9.-]+:\d+)$")

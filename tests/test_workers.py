@@ -84,6 +84,11 @@ def test_two_workers_write_what_one_process_writes(ckpt, tmp_path):
     # Re-running resumes as a single process does: nothing left but the bad line, which fails again.
     assert main(["run", jobs, "-m", ckpt, "-o", str(two), "-q", "--workers", "2"]) == 2
     assert len(_lines(two)) == len(JOBS) + 1
+    # --workers 1 is one worker process (the path --gpus 1 takes), not the single-process run.
+    lone = tmp_path / "lone.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(lone), "-q", "--workers", "1", "--report", str(report)]) == 2
+    assert json.loads(report.read_text())["device"].endswith("x 1 workers")
+    assert {r["id"]: r["text"] for r in _lines(lone)} == {r["id"]: r["text"] for r in a}
 
 
 def _kill_a_worker(argv, out):
