@@ -233,3 +233,17 @@ def test_gpu_memory_held_unused_by_pytorch_counts_as_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 8 << 30)
     assert scheduler.available_memory(torch.device("cuda", 0)) == (10 + 42) << 30
+
+
+def test_kv_budget_leaves_room_for_the_bootstrap_pass(ckpt):
+    """With SFI the KV budget's headroom holds one bootstrap pass: at least one layer's float32 logits and keys at the
+    longest job (twice: the Selector pads a copy), at most the pass's byte bound."""
+    from sfi.attention import BOOTSTRAP_BYTES
+    from sfi.engine.run import activation_bytes
+
+    a = load_model(ckpt, device="cpu").args
+    for tokens in (300, 40_000):
+        extra = activation_bytes(a, 64, tokens, 4, False, window=16) - activation_bytes(a, 64, tokens, 4, False)
+        one_layer = 4 * tokens * (a.n_heads * 16 + a.n_kv_heads * a.head_dim)
+        assert 2 * one_layer <= extra <= 2 * max(one_layer, BOOTSTRAP_BYTES)
+        assert extra == 2 * min(a.n_layers * one_layer, max(one_layer, BOOTSTRAP_BYTES))

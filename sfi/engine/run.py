@@ -181,10 +181,18 @@ def _row_seed(run_seed: int, job_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def activation_bytes(args: ModelArgs, chunk: int, max_tokens: int, batch: int, on_cpu: bool) -> int:
-    """Headroom for one prefill chunk's activations and the logits, kept out of the KV budget."""
+def activation_bytes(args: ModelArgs, chunk: int, max_tokens: int, batch: int, on_cpu: bool,
+                     window: int = 0) -> int:
+    """Headroom for one prefill chunk's activations and the logits, kept out of the KV budget; with SFI's
+    bootstrap `window`, also its float32 logits and keys of one pass over a group of layers (and the Selector's
+    padded copy of the logits)."""
     width = 3 * args.hidden_size + 2 * args.intermediate_size + (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
     total = 2 * chunk * width * 4 + 2 * batch * args.vocab_size * 4
+    if window:
+        from ..attention import BOOTSTRAP_BYTES
+
+        per_layer = 4 * max_tokens * (args.n_heads * window + args.n_kv_heads * args.head_dim)
+        total += 2 * max(per_layer, min(BOOTSTRAP_BYTES, args.n_layers * per_layer))
     if on_cpu:  # the CPU attention path materialises the chunk's score matrix
         total += chunk * max_tokens * args.n_heads * 4
     return total
@@ -440,7 +448,8 @@ class Runner:
         device = lm.model.device
         longest = max(it.tokens for it in sized)
         bpt = lm.args.kv_bytes_per_token(lm.model.dtype)
-        headroom = activation_bytes(lm.args, d.prefill_chunk, longest, d.max_batch_size, device.type == "cpu")
+        window = self.cfg.sfi.bootstrap_window if self.cfg.sfi.mode == "sfi" else 0
+        headroom = activation_bytes(lm.args, d.prefill_chunk, longest, d.max_batch_size, device.type == "cpu", window)
         budget = int(available_memory(device) * d.kv_memory_fraction) - headroom
         groups = [-1] * len(sized)
         if d.prefix_min_tokens:
