@@ -131,7 +131,7 @@ class DecodeStep:
     Every row's attention reads one range of the compact memory and then one span of its cache (see
     kernels/ranged_decode.py): `ranges` = (rows, compact_len, span_start, span_len) int32 [B] and the host
     max of compact_len + span_len. A fast row reads compact + recent span, a slow or dense row nothing of the
-    memory and its whole cache, so every kind of row runs the same step (sfi.graphs builds it)."""
+    memory and its whole cache, so every kind of row runs the same step (sfi.engine.step builds it)."""
 
     rows: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64, where the new token goes (= tokens already cached)

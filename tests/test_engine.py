@@ -127,12 +127,12 @@ def test_a_refilled_slot_starts_clean(ckpt):
 
 
 def test_padding_idle_slots_leaves_every_rows_tokens_unchanged(ckpt, monkeypatch):
-    """With CUDA graphs every step runs all slots, idle ones as padding (sfi.graphs): forced on here, the decoding
+    """With CUDA graphs every step runs all slots, idle ones as padding (sfi.engine.step): forced on here, the decoding
     rows' tokens are those of unpadded steps, through admissions, slow steps and finished rows."""
     lm = load_model(ckpt, device="cpu")
     cfg = SfiConfig(sink=4, k_head=16, recent=8)
     ids = tiny.tokenizer()(TEXT)["input_ids"]
-    from sfi.graphs import StaticDecoder
+    from sfi.engine.step import StaticDecoder
 
     outs: list[torch.Tensor] = []  # every model step's logits, padding rows included: the step's width
     returned: list[torch.Tensor] = []  # the decoding rows' logits, in their order

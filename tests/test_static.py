@@ -12,7 +12,7 @@ import torch
 from sfi.cache import KVCache
 from sfi.config import SfiConfig
 from sfi.engine.decoder import Request, generate
-from sfi.graphs import _bucket
+from sfi.engine.step import _bucket
 from sfi.method.boundary import FixedPeriod
 from sfi.method.memory import SparseMemory
 from sfi.method.refresh import StepRefresh, group_size

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
-from ..graphs import StaticDecoder
 from ..method.memory import SparseMemory
 from ..method.runtime import Capture, SfiRuntime
 from ..model import PrefillStep, Transformer
 from ..sampling import RowSampler, sample
 from ..stopping import StopChecker
+from .step import StaticDecoder
 
 
 @dataclass
@@ -336,7 +336,7 @@ class Decoder:
         rt = self.runtime
         lengths = {s: self.rows[s].length for s in active}
         kinds, captures = rt.kinds(active, lengths) if rt is not None else (None, [])
-        if captures:  # slow rows last: the step attends to them in a launch of their own (sfi.graphs)
+        if captures:  # slow rows last: the step attends to them in a launch of their own (sfi.engine.step)
             order = sorted(range(len(active)), key=lambda i: kinds[i] == "slow")
             active, kinds = [active[i] for i in order], [kinds[i] for i in order]
             for c in captures:
@@ -395,7 +395,7 @@ def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int
 
     `prefilled` (with `cache`) skips the prompt forward passes; a request's `forced` tokens are fed before its
     own samples (teacher forcing) with their log-probabilities reported. Every decode step is a static step
-    (sfi.graphs), replayed from a CUDA graph on a GPU when `cuda_graphs`; `probe` (eval's recall diagnostic)
+    (sfi.engine.step), replayed from a CUDA graph on a GPU when `cuda_graphs`; `probe` (eval's recall diagnostic)
     sees every layer's attention, which needs the steps launched op by op."""
     decoder = Decoder(model, len(requests), cache_length(requests), runtime, prefill_chunk, cuda_graphs, probe,
                       cache)

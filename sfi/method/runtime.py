@@ -1,6 +1,6 @@
 """SFI's per-row bookkeeping during a batch: which kind of step each row takes, when its memory is
 refreshed, and what it cost. The model never sees this object, only the per-row key ranges it gives
-the static decode step (sfi.graphs) and the bootstrap refresh after a prefill.
+the static decode step (sfi.engine.step) and the bootstrap refresh after a prefill.
 
 Step kinds: "slow" (dense over the whole cache, then the Selector refreshes the row's memory), "fast"
 (compact memory + recent span), "full" (the context still fits the budget sink + k_head + recent,

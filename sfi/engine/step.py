@@ -30,11 +30,11 @@ import torch
 
 from sfi_kernels import default_split
 
-from .cache import KVCache
-from .method.memory import SparseMemory
-from .method.refresh import StepRefresh
-from .method.selector import SelectorParams
-from .model import DecodeStep, Transformer
+from ..cache import KVCache
+from ..method.memory import SparseMemory
+from ..method.refresh import StepRefresh
+from ..method.selector import SelectorParams
+from ..model import DecodeStep, Transformer
 
 N_HOST = 14  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 4 slot
 
