@@ -147,6 +147,20 @@ def test_ray_missing_says_how_to_install(ckpt, tmp_path, monkeypatch, capsys):
     assert "pip install 'sfi[ray]'" in capsys.readouterr().err and not out.exists()
 
 
+def test_ray_cluster_out_of_reach_is_a_message(ckpt, tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance at 10.9.9.9:6379.")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", _write(tmp_path / "jobs.jsonl", JOBS[:1]), "-m", ckpt, "-o", str(out), "--ray",
+                 "10.9.9.9:6379"]) == 1
+    err = capsys.readouterr().err
+    assert "could not connect to the Ray cluster at 10.9.9.9:6379" in err and "Traceback" not in err
+
+
 def test_ray_actors_write_what_one_process_writes_and_survive_a_killed_actor(ckpt, tmp_path):
     """A local Ray instance, two CPU actors: the same texts as one process; then one actor's process is killed
     mid-run (SIGKILL, as a lost node): its unfinished jobs are decoded again, none lost or duplicated."""

@@ -282,8 +282,12 @@ class _Ray:
         if self.owned:
             local = address == "local"
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=None if local else address, log_to_driver=False, logging_level=logging.ERROR,
-                     **({"include_dashboard": False} if local else {}))
+            try:
+                ray.init(address=None if local else address, log_to_driver=False, logging_level=logging.ERROR,
+                         **({"include_dashboard": False} if local else {}))
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = "start a local Ray instance" if local else f"connect to the Ray cluster at {address}"
+                raise ConfigError(f"--ray: could not {where}: {str(e).strip().splitlines()[0]}") from None
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         self.cpu = gpus == 0
