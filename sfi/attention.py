@@ -28,9 +28,9 @@ def capture_logits(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.T
 def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> torch.Tensor:
     """q [B, Hq, D] for the rows of `step` (a model.DecodeStep) -> attention output [B, Hq, D].
 
-    One ranged-kernel launch (the kernel's reference on a CPU) for the rows before the step's slow rows and one
-    for the slow rows, which come last, each with a split for its own ranges; a step without slow rows (or of
-    slow rows alone) is one launch. A slow row's pass also leaves its domain's logits and key norms for the
+    One ranged-kernel launch (the kernel's reference on a CPU) for the step's slow rows, which come first, and one
+    for the others, each with a split for its own ranges; a step without slow rows (or of slow rows alone) is one
+    launch. A slow row's pass also leaves its domain's logits and key norms for the
     in-step refresh, which runs after each group of layers."""
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
     memory, refresh = step.memory, step.refresh
@@ -41,18 +41,18 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     if refresh is not None:
         refresh.before_attention(layer)
     capture = refresh.capture(layer) if refresh is not None else None
-    f = q.shape[0] if dense or step.n_fast is None else step.n_fast
-    if f == q.shape[0]:  # one launch for every row
+    f = 0 if dense else step.n_slow
+    if f == 0:  # one launch for every row
         out, lse = _ranged(q, kc, vc, mem_k, mem_v, (rows, clen, start, span), scale, max_keys, split, capture)
-    else:  # fast rows with a split for their short ranges, then the slow rows (last) with theirs: a slow row's
-        # whole-cache split would give every fast row hundreds of empty blocks
+    else:  # the slow rows (first) with a split for their whole caches, then the others with one for their short
+        # ranges: a slow row's split would give every fast row hundreds of empty blocks
         meta = (rows, clen, start, span)
-        fast = _ranged(q[:f], kc, vc, mem_k, mem_v, [t[:f] for t in meta], scale, max_keys, split, None)
-        slow_capture = capture and LogitCapture(capture.slot[f:], capture.lo[f:], capture.hi[f:], capture.z,
+        slow_capture = capture and LogitCapture(capture.slot[:f], capture.lo[:f], capture.hi[:f], capture.z,
                                                 capture.norms)
-        slow = _ranged(q[f:], kc, vc, mem_k, mem_v, [t[f:] for t in meta], scale, step.slow_keys, step.slow_split,
+        slow = _ranged(q[:f], kc, vc, mem_k, mem_v, [t[:f] for t in meta], scale, step.slow_keys, step.slow_split,
                        slow_capture)
-        out, lse = torch.cat((fast[0], slow[0])), torch.cat((fast[1], slow[1]))
+        fast = _ranged(q[f:], kc, vc, mem_k, mem_v, [t[f:] for t in meta], scale, max_keys, split, None)
+        out, lse = torch.cat((slow[0], fast[0])), torch.cat((slow[1], fast[1]))
     if refresh is not None:
         refresh.after_attention(layer)  # after a group of layers: its Selector and compaction, on a side stream
     if step.probe is not None:

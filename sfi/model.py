@@ -144,9 +144,9 @@ class DecodeStep:
     dense_layers: int = 0
     dense_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
     dense_split: int | None = None
-    # Slow rows come last, from batch row `n_fast` on: the other layers attend in two launches, fast rows with
-    # `split` over `ranges`' capacity, slow rows with their own capacity and split (None: one launch for all).
-    n_fast: int | None = None
+    # The first `n_slow` rows are slow: outside the dense layers the step attends in two launches, those rows with
+    # their own capacity and split, the others with `split` over `ranges`' capacity (0: one launch for all).
+    n_slow: int = 0
     slow_keys: int = 0
     slow_split: int | None = None
 

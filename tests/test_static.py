@@ -117,28 +117,28 @@ def test_refresh_groups_divide_the_layers():
 
 
 def test_slow_rows_in_a_launch_of_their_own_change_nothing():
-    """A step with slow rows attends in two launches (the rows before them with a short split, the slow rows, last,
-    with theirs): the same outputs, and the same logits captured for the refresh, as one launch for all rows."""
+    """A step with slow rows attends in two launches (the slow rows, first, with a split for their whole caches, the
+    others with a short one): the same outputs, and the same logits captured for the refresh, as one launch."""
     from sfi import attention
     from sfi.model import DecodeStep
 
     g = torch.Generator().manual_seed(1)
     hq, length, sink = 4, 80, 4
     cache, memory = random_cache(g, 2, 5, 2, length, 8, sink, 12)
-    # Batch rows: two fast rows (compact + recent span), an idle padding row, then two slow rows (whole cache).
-    rows = torch.tensor([3, 0, 4, 1, 2])
-    positions = torch.tensor([60, 41, length - 1, 70, 55])
-    clen = torch.tensor([sink + 12, sink + 7, 0, 0, 0], dtype=torch.int32)
-    start = torch.tensor([52, 35, length - 1, 0, 0], dtype=torch.int32)
+    # Batch rows: two slow rows (whole cache) first, then two fast rows (compact + recent span) and an idle padding row.
+    rows = torch.tensor([1, 2, 3, 0, 4])
+    positions = torch.tensor([70, 55, 60, 41, length - 1])
+    clen = torch.tensor([0, 0, sink + 12, sink + 7, 0], dtype=torch.int32)
+    start = torch.tensor([0, 0, 52, 35, length - 1], dtype=torch.int32)
     span = (positions + 1 - start).to(torch.int32)
     q = torch.randn(5, hq, 8, generator=g)
     outs = []
-    for n_fast in (None, 3):
+    for n_slow in (0, 2):
         refresh = StepRefresh(cache, memory, SelectorParams(), batch=5, capacity=length, n_heads=hq)
-        refresh.row_meta.copy_(torch.tensor([[-1, -1, -1, 0, 1], [0, 0, 0, sink, sink], [0, 0, 0, 63, 48]],
+        refresh.row_meta.copy_(torch.tensor([[0, 1, -1, -1, -1], [sink, sink, 0, 0, 0], [63, 48, 0, 0, 0]],
                                             dtype=torch.int32))
         step = DecodeStep(rows, positions, (rows.to(torch.int32), clen, start, span, 71), memory=memory,
-                          refresh=refresh, n_fast=n_fast, slow_keys=71)
+                          refresh=refresh, n_slow=n_slow, slow_keys=71)
         out = attention.decode(0, q, cache, step, 0.3)
         outs.append((out, refresh.z[0, :2, 0].clone()))
     (one, z_one), (two, z_two) = outs

@@ -336,8 +336,8 @@ class Decoder:
         rt = self.runtime
         lengths = {s: self.rows[s].length for s in active}
         kinds, captures = rt.kinds(active, lengths) if rt is not None else (None, [])
-        if captures:  # slow rows last: the step attends to them in a launch of their own (sfi.engine.step)
-            order = sorted(range(len(active)), key=lambda i: kinds[i] == "slow")
+        if captures:  # slow rows first: the step attends to them in a launch of their own (sfi.engine.step)
+            order = sorted(range(len(active)), key=lambda i: kinds[i] != "slow")
             active, kinds = [active[i] for i in order], [kinds[i] for i in order]
             for c in captures:
                 c.batch_index = order.index(c.batch_index)
