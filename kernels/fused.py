@@ -8,7 +8,8 @@
   the rounding of `F.silu(gate) * up`.
 - `decode_qkv`: one decode token per row: from the fused QKV projection [B, (Hq + 2 Hkv) D], apply the
   optional per-head q/k RMSNorm (Qwen3) and the rotary embedding at each row's position, write K and V
-  into the cache at (rows[b], positions[b]) and return q [B, Hq, D]. One launch instead of about
+  into the cache at (rows[b], write_at[b]) (default: positions[b]; a pooled cache's row starts elsewhere) and
+  return q [B, Hq, D]. One launch instead of about
   twenty small ones per layer.
 
 Each has a pure-torch reference with the same signature: the CPU path and the tests' ground truth. The
@@ -50,15 +51,19 @@ def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-                   n_heads: int, n_kv_heads: int) -> torch.Tensor:
+                   n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None) -> torch.Tensor:
     b, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.view(b, n_heads + 2 * n_kv_heads, d).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
     if q_norm is not None:
         q, k = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
     cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # [B, 1, D]
     q, k = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
-    k_cache[rows, :, positions] = k
-    v_cache[rows, :, positions] = v
+    at = positions if write_at is None else write_at
+    if k_cache.stride(0) == 0:  # every row is one pool (sfi.cache): write into it once
+        k_cache[0][:, at], v_cache[0][:, at] = k.transpose(0, 1), v.transpose(0, 1)
+    else:
+        k_cache[rows, :, at] = k
+        v_cache[rows, :, at] = v
     return q
 
 
@@ -135,7 +140,7 @@ if triton is not None:
         return (a + b).to(dt)
 
     @triton.jit
-    def _decode_qkv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, q_ptr,
+    def _decode_qkv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, at_ptr, q_ptr,
                            stride_qkv, stride_cb, stride_ch, stride_cs, stride_q, eps,
                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr):
         b = tl.program_id(0)
@@ -150,7 +155,8 @@ if triton is not None:
             kh = h - HQ
             out = _head(src, kn_ptr, cos_ptr + pos * D, sin_ptr + pos * D, eps, HAS_NORM, D)
             row = tl.load(rows_ptr + b).to(tl.int64)
-            dst = row * stride_cb + kh * stride_ch + pos * stride_cs + d
+            at = tl.load(at_ptr + b).to(tl.int64)
+            dst = row * stride_cb + kh * stride_ch + at * stride_cs + d
             tl.store(kc_ptr + dst, out)
             v = tl.load(qkv_ptr + b * stride_qkv + (HQ + HKV + kh) * D + d)
             tl.store(vc_ptr + dst, v)
@@ -201,18 +207,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-               n_heads: int, n_kv_heads: int) -> torch.Tensor:
+               n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring. qkv [B, (Hq + 2 Hkv) D]; cos/sin tables [S, D]; caches [Bc, Hkv, S, D]
-    (one layer); rows, positions [B] -> q [B, Hq, D]."""
+    (one layer); rows, positions, write_at [B] -> q [B, Hq, D]."""
     d = k_cache.shape[-1]
     if not _use_triton(qkv) or d & (d - 1) or qkv.stride(-1) != 1:
         return decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-                              n_heads, n_kv_heads)
+                              n_heads, n_kv_heads, write_at)
     b = qkv.shape[0]
     q = torch.empty(b, n_heads, d, dtype=qkv.dtype, device=qkv.device)
     has_norm = q_norm is not None
     _decode_qkv_kernel[(b, n_heads + n_kv_heads)](
         qkv, q_norm if has_norm else qkv, k_norm if has_norm else qkv, cos_table, sin_table, k_cache, v_cache,
-        rows, positions, q, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
+        rows, positions, positions if write_at is None else write_at, q, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
         eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, num_warps=1)
     return q

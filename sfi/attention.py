@@ -56,7 +56,8 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     if refresh is not None:
         refresh.after_attention(layer)  # after a group of layers: its Selector and compaction, on a side stream
     if step.probe is not None:
-        whole = (torch.zeros_like(clen), torch.zeros_like(start), (step.positions + 1).to(torch.int32))
+        base = step.base if step.base is not None else torch.zeros_like(start)
+        whole = (torch.zeros_like(clen), base, (step.positions + 1).to(torch.int32))
         _, dense_lse = (ranged_decode_attention if q.is_cuda else ranged_decode_attention_ref)(
             q, kc, vc, kc, vc, rows, *whole, scale)
         fast_rows = (step.ranges[1] > 0) | (step.ranges[2] > 0)  # rows whose step is fast in the other layers
@@ -86,7 +87,8 @@ def bootstrap(queries: list[torch.Tensor], cache: KVCache, end: int, capture, re
     group = max(1, min(len(queries), BOOTSTRAP_BYTES // max(1, 4 * n * (hq * w + hkv * d))))
     for first in range(0, len(queries), group):
         layers = slice(first, min(first + group, len(queries)))
-        keys = cache.k[layers, capture.row, :, capture.lo:capture.hi]  # [g, Hkv, N, D]
+        base = cache.base[capture.row]
+        keys = cache.k[layers, capture.row, :, base + capture.lo:base + capture.hi]  # [g, Hkv, N, D]
         z = capture_logits(torch.stack(queries[layers]), keys, scale)  # [g, Hq, W, N]
         if capture.hi > end - w + 1:  # some key lies after the first query (a recent span shorter than W)
             qpos = torch.arange(end - w, end, device=z.device)[:, None]

@@ -134,7 +134,7 @@ class DecodeStep:
     memory and its whole cache, so every kind of row runs the same step (sfi.engine.step builds it)."""
 
     rows: torch.Tensor  # [B] int64
-    positions: torch.Tensor  # [B] int64, where the new token goes (= tokens already cached)
+    positions: torch.Tensor  # [B] int64, the new token's position (= tokens already cached)
     ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
     memory: Any = None  # the compact memory (memory.SparseMemory) fast rows read, if any
     refresh: Any = None  # the slow rows' in-step refresh (refresh.StepRefresh), if any
@@ -149,6 +149,10 @@ class DecodeStep:
     n_slow: int = 0
     slow_keys: int = 0
     slow_split: int | None = None
+    # A pooled cache (sfi.cache): where each row's position 0 lies in its row of the cache view (int32 [B]; ranges'
+    # span starts already include it) and where the new token is written, base + position (int64 [B]). None: 0.
+    base: torch.Tensor | None = None
+    write_at: torch.Tensor | None = None
 
     @classmethod
     def dense(cls, rows: torch.Tensor, positions: torch.Tensor) -> DecodeStep:
@@ -259,7 +263,8 @@ class Attention(nn.Module):
                       step: PrefillStep) -> torch.Tensor:
         """One row's chunk: write its K/V into the row's cache, attend (causal) over the row up to itself."""
         end = step.start + step.length
-        kc, vc = cache.k[self.layer, step.row], cache.v[self.layer, step.row]  # [Hkv, S, D]
+        base = cache.base[step.row]
+        kc, vc = cache.k[self.layer, step.row, :, base:], cache.v[self.layer, step.row, :, base:]  # [Hkv, S', D]
         kc[:, step.start:end] = k[0]
         vc[:, step.start:end] = v[0]
         keys, values = kc[None, :, :end], vc[None, :, :end]  # [1, Hkv, end, D]
@@ -287,7 +292,8 @@ class Attention(nn.Module):
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
         q = (decode_qkv if x.is_cuda else decode_qkv_ref)(_linear(self.wqkv, x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
-                                                           step.rows, step.positions, self.n_heads, self.n_kv_heads)
+                                                           step.rows, step.positions, self.n_heads, self.n_kv_heads,
+                                                           step.write_at)
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return _linear(self.wo, out.reshape(b, 1, -1))
 
@@ -346,6 +352,12 @@ class Transformer(nn.Module):
         self._ensure_rope(max_len)
         a = self.args
         return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+
+    def new_pool(self, slots: int, positions: int, longest: int) -> KVCache:
+        """A pooled KV cache: `slots` rows sharing `positions` positions, none longer than `longest`."""
+        self._ensure_rope(longest)
+        a = self.args
+        return KVCache.pooled(a.n_layers, slots, a.n_kv_heads, positions, a.head_dim, self.dtype, self.device)
 
     def _ensure_rope(self, length: int) -> None:
         if self.rope_cos.shape[0] >= length and self.rope_cos.dtype == self.dtype:
@@ -407,7 +419,8 @@ class Transformer(nn.Module):
         queries: list[torch.Tensor] = []
         for block in self.layers:
             att = block.attention
-            kc, vc = cache.k[att.layer, row], cache.v[att.layer, row]  # [Hkv, S, D]
+            base = cache.base[row]
+            kc, vc = cache.k[att.layer, row, :, base:], cache.v[att.layer, row, :, base:]  # [Hkv, S', D]
             for s, e in bounds:
                 q, k, v = att._qkv(block.attention_norm(h[:, s:e]), cos[s:e], sin[s:e])
                 q_all[:, :, s:e] = q

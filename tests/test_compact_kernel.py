@@ -136,3 +136,31 @@ def test_compact_write_bad_shapes(fn, make, match):
     args.update(make(args))
     with pytest.raises(ValueError, match=match):
         fn(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_write_from_a_pool(dtype):
+    """A pooled cache (sfi.cache): memory rows and cache rows differ, each slot's positions start at its base. The
+    kernel writes what the reference writes, and that is the rows-layout result of the same K/V moved to those
+    bases."""
+    s, k, sink, hkv, d = 63, 27, 4, 3, 64
+    kc5, vc5, (mem_a, _), rows, lo, count, picks = _problem(s, k, sink, hkv, d, dtype, torch.int64, False, 9)
+    layer = 1
+    bases = [2 * s + 5, 3, s + 4]  # per slot, out of order, with gaps
+    pool_k = torch.full((2, hkv, 3 * s + 10, d), float("nan"), dtype=dtype)
+    pool_v = pool_k.clone()
+    for p, r in enumerate(rows.tolist()):
+        pool_k[0, :, bases[p]:bases[p] + s] = kc5[layer, r]
+        pool_v[0, :, bases[p]:bases[p] + s] = vc5[layer, r]
+    cache_rows, base = torch.zeros(3, dtype=torch.int32), torch.tensor(bases, dtype=torch.int32)
+    want_k, want_v = mem_a.clone(), mem_a.clone()
+    compact_write_ref(kc5[layer], vc5[layer], want_k[layer], want_v[layer], rows, lo, count, picks, sink)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    got_k, got_v = dev(mem_a.clone()), dev(mem_a.clone())
+    compact_write(dev(pool_k), dev(pool_v), got_k[layer], got_v[layer], dev(rows), dev(lo), dev(count), dev(picks),
+                  sink, dev(cache_rows), dev(base))
+    ref_k, ref_v = mem_a.clone(), mem_a.clone()
+    compact_write_ref(pool_k, pool_v, ref_k[layer], ref_v[layer], rows, lo, count, picks, sink, cache_rows, base)
+    for got, ref, want in ((got_k.cpu(), ref_k, want_k), (got_v.cpu(), ref_v, want_v)):
+        assert torch.equal(_bits(ref), _bits(want))
+        assert torch.equal(_bits(got), _bits(want))

@@ -14,7 +14,7 @@ import torch
 
 from sfi.config import SfiConfig
 from sfi.engine.decoder import Decoder, Request
-from sfi.engine.scheduler import Sized, plan_buckets, prefix_groups
+from sfi.engine.scheduler import Sized, plan_buckets, plan_pool, prefix_groups
 from sfi.loader import load_model
 from sfi.method.boundary import FixedPeriod
 from sfi.method.runtime import SfiRuntime
@@ -63,6 +63,41 @@ def test_continuous_batching_equals_decoding_each_job_alone(ckpt, tmp_path, reci
     assert _texts(both) == _texts(alone) == _texts(static)
     if recipe == "tiny":
         assert sum(r["sfi"]["sparse"] for r in both.values()) >= 3
+
+
+@pytest.mark.parametrize("recipe", ["dense", "tiny"])
+def test_a_tight_pool_reuses_room_and_changes_no_tokens(ckpt, tmp_path, monkeypatch, recipe):
+    """A pool with room for about one and a half of the longest job: jobs wait for room, shorter ones fill the gaps
+    meanwhile, segments are reused at other offsets; every job's tokens are still those of the job alone."""
+    from sfi.cache import KVCache
+    from sfi.engine import scheduler
+
+    sfi = ["--set", "sfi.k_head=16", "--set", "sfi.recent=8"] if recipe == "tiny" else []
+    alone = _run(ckpt, tmp_path, JOBS, "alone", "-r", recipe, *sfi, "--set", "decode.max_batch_size=1")
+    plan = scheduler.plan_pool
+
+    def tight(*args, **kwargs):
+        bucket, too_big = plan(*args, **kwargs)
+        bucket.pool = bucket.max_tokens * 3 // 2
+        return bucket, too_big
+
+    placed, held = [], {}
+    place, release = KVCache.place, KVCache.release
+
+    def record(self, slot, n):
+        place(self, slot, n)
+        held[slot] = n
+        placed.append((self.base[slot], n, sum(held.values())))
+
+    monkeypatch.setattr(scheduler, "plan_pool", tight)
+    monkeypatch.setattr(KVCache, "place", record)
+    monkeypatch.setattr(KVCache, "release", lambda self, slot: (held.pop(slot, None), release(self, slot)))
+    pooled = _run(ckpt, tmp_path, JOBS, "pooled", "-r", recipe, *sfi, "--set", "decode.max_batch_size=4",
+                  "--set", "decode.prefill_chunk=16")
+    assert _texts(pooled) == _texts(alone)
+    longest = max(n for _, n, _ in placed)
+    assert len(placed) == len(JOBS) and max(total for *_, total in placed) <= longest * 3 // 2
+    assert len({base for base, _, _ in placed}) >= 3  # room given back went to later jobs elsewhere in the pool
 
 
 def test_shared_prefixes_are_prefilled_once_with_identical_outputs(ckpt, tmp_path):
@@ -180,19 +215,40 @@ def test_prefix_groups_and_buckets():
     assert buckets[0].slots == 2 and buckets[0].max_tokens == 3000
 
 
-def test_continuous_buckets_take_shorter_jobs_while_memory_keeps_them_wide():
+def test_pool_plan_holds_every_job_at_its_own_length():
     items = [Sized(i, 3000) for i in range(4)] + [Sized(4 + i, 300) for i in range(6)]
     static, _ = plan_buckets(items, 1, 30_000, 8)
     assert [(len(b.items), b.slots) for b in static] == [(4, 4), (6, 6)]
-    # Room for 10 rows of 3,000: the short jobs fill the long bucket's free slots (8 rows, not 4 then 6).
-    merged, _ = plan_buckets(items, 1, 30_000, 8, continuous=True)
-    assert [(len(b.items), b.slots, b.max_tokens) for b in merged] == [(10, 8, 3000)]
-    assert [it.tokens for it in merged[0].items] == [3000] * 4 + [300] * 6  # longest first
-    # Room for 2 rows of 3,000 only: the short jobs would run 2 at a time there, so they keep their own bucket.
-    tight, _ = plan_buckets(items, 1, 6_000, 8, continuous=True)
-    assert [(len(b.items), b.slots) for b in tight] == [(4, 2), (6, 6)]
+    # One pool for all: as large as the jobs need together (13,800), 8 slots, longest first.
+    pool, too_big = plan_pool(items, 1, 30_000, 8, slot_tokens=100)
+    assert not too_big and (pool.slots, pool.pool, pool.max_tokens) == (8, 13_800, 3000)
+    assert [it.tokens for it in pool.items] == [3000] * 4 + [300] * 6
+    # Little memory: fewer slots, so that the pool still holds the longest job; what cannot fit is too big.
+    tight, too_big = plan_pool(items + [Sized(10, 9000)], 1, 6_000, 8, slot_tokens=1000)
+    assert (tight.slots, tight.pool) == (3, 3000) and [it.item for it in too_big] == [10]
+    # A group keeps its members together at its longest member's place.
+    grouped, _ = plan_pool([Sized(0, 10), Sized(1, 50), Sized(2, 40), Sized(3, 20)], 1, 1000, 4,
+                           groups=[7, -1, -1, 7])
+    assert [it.item for it in grouped.items] == [1, 2, 0, 3]
 
 
+def test_pooled_cache_segments_first_fit_and_merge():
+    from sfi.cache import KVCache
+
+    c = KVCache.pooled(1, 4, 1, 100, 2, torch.float32, "cpu")
+    c.place(0, 30)
+    c.place(1, 50)
+    c.place(2, 20)
+    assert c.base[:3] == [0, 30, 80] and not c.fits(1)
+    with pytest.raises(ValueError, match="no free run"):
+        c.place(3, 1)
+    c.release(0)
+    c.release(2)
+    assert c.fits(30) and not c.fits(31) and c.free_positions == 50  # two runs of 30 and 20: not merged
+    c.release(1)
+    assert c._free == [(0, 100)]  # all three merged back
+    c.place(3, 100)
+    assert c.base[3] == 0 and c.max_len == 101  # the scratch position past the pool
 def test_kill_9_then_resume_loses_and_duplicates_nothing(ckpt, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(j | {"max_new_tokens": 40}) + "\n" for j in JOBS))

@@ -29,8 +29,10 @@ def test_rms_norm(n, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d,norm", [(12, 3, 128, True), (8, 8, 64, False), (4, 1, 64, True), (9, 3, 64, False)])
-def test_decode_qkv(hq, hkv, d, norm, dtype):
+@pytest.mark.parametrize("hq,hkv,d,norm,shifted", [(12, 3, 128, True, False), (8, 8, 64, False, True),
+                                                   (4, 1, 64, True, True), (9, 3, 64, False, False)])
+def test_decode_qkv(hq, hkv, d, norm, shifted, dtype):
+    """Shifted: rows written at positions of their own (a pooled cache's base + position), rotated at theirs."""
     g = torch.Generator().manual_seed(hq * d)
     b, bc, s = 3, 4, 40
     qkv = torch.randn(b, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
@@ -45,8 +47,16 @@ def test_decode_qkv(hq, hkv, d, norm, dtype):
     for _ in range(2):
         kc = torch.full((bc, hkv, s, d), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
         caches.append((kc, kc.clone()))
-    q = decode_qkv(qkv, qn, kn, 1e-6, cos, sin, *caches[0], rows, positions, hq, hkv)
-    q_ref = decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *caches[1], rows, positions, hq, hkv)
+    at = torch.tensor([30, 7, 21], device=DEVICE) if shifted else None
+    q = decode_qkv(qkv, qn, kn, 1e-6, cos, sin, *caches[0], rows, positions, hq, hkv, at)
+    q_ref = decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *caches[1], rows, positions, hq, hkv, at)
+    if shifted:  # the same rotation as unshifted, and the same K, V, only elsewhere
+        plain = [torch.full_like(kc, float("nan")) for kc in caches[1]]
+        torch.testing.assert_close(q_ref, decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *plain, rows, positions, hq, hkv),
+                                   rtol=0, atol=0)
+        for a, b in zip(caches[1], plain, strict=True):
+            torch.testing.assert_close(a[rows, :, at], b[rows, :, positions], rtol=0, atol=0)
+        positions = at
     # bf16: one rounding apart at most (a norm's summation order, the interpreter's casts)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(q, q_ref, **tol)

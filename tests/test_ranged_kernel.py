@@ -115,6 +115,47 @@ def test_capture_writes_domain_logits_and_norms(hq, hkv, d, dtype):
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pooled_cache_reads_each_rows_own_segment(dtype):
+    """A pooled cache (sfi.cache): every row of the view is the same pool (slot stride 0) and a row's spans and
+    capture domain are shifted by its base. Same outputs, logits and norms as the rows layout holding the same
+    K/V at each row's own positions."""
+    from sfi_kernels import LogitCapture
+
+    torch.manual_seed(5)
+    hq, hkv, d, s, c, cap = 8, 2, 64, 300, 16, 300
+    meta = [(0, 0, 300), (12, 250, 40), (0, 0, 77)]  # slow (captured), fast, slow (captured)
+    doms, slots = [(4, 260), (0, 0), (4, 60)], [0, -1, 1]
+    bases = [650, 3, 320]  # disjoint segments, out of order, with gaps
+    b = len(meta)
+    q = torch.randn(b, hq, d, device=DEVICE).to(dtype)
+    kc, vc = (torch.randn(b, hkv, s, d, device=DEVICE).to(dtype) for _ in range(2))
+    kk, vk = (torch.randn(b, hkv, c, d, device=DEVICE).to(dtype) for _ in range(2))
+    pool_k, pool_v = (torch.full((hkv, 1000, d), float("nan"), device=DEVICE).to(dtype) for _ in range(2))
+    for r, base in enumerate(bases):
+        pool_k[:, base:base + s] = kc[r]
+        pool_v[:, base:base + s] = vc[r]
+    as32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    rows = as32([0, 1, 2])
+    clen, sstart, slen = (as32(x) for x in zip(*meta, strict=True))
+    results = []
+    for fn in (ranged_decode_attention, ranged_decode_attention_ref):
+        for pooled in (False, True):
+            z = torch.full((2, hq, cap), float("nan"), device=DEVICE)
+            norms = torch.full((2, hkv, cap), float("nan"), device=DEVICE)
+            shift = as32(bases) if pooled else as32([0] * b)
+            lo, hi = as32([a for a, _ in doms]) + shift, as32([e for _, e in doms]) + shift
+            keys, values = (kc, vc) if not pooled else (t[None].expand(b, *t.shape) for t in (pool_k, pool_v))
+            out, lse = fn(q, keys, values, kk, vk, rows, clen, sstart + shift, slen, 1 / math.sqrt(d),
+                          capture=LogitCapture(as32(slots), lo, hi, z, norms))
+            results.append((out, lse, z, norms))
+    for got in results[1:]:
+        for a, b_ in zip(got, results[0], strict=True):
+            torch.testing.assert_close(a.float(), b_.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                       rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, equal_nan=True)
+    assert torch.isfinite(results[1][0]).all()  # the NaNs around the segments were never read
+
+
 def test_default_split_fills_the_gpu_without_too_many_programs():
     from sfi_kernels import default_split
 

@@ -26,28 +26,48 @@ import tiny
 SPAN = dict(span_successors=3, span_block=4)  # 3: the kernel's two-window path
 
 
-def random_cache(g, layers, rows, hkv, length, d, sink, k_head) -> tuple[KVCache, SparseMemory]:
-    """A float32 cache of random K/V and a compact memory (random too; the tests that check writes fill it)."""
-    cache = KVCache(layers, rows, hkv, length, d, torch.float32, "cpu")
+def random_cache(g, layers, rows, hkv, length, d, sink, k_head, pooled=False) -> tuple[KVCache, SparseMemory]:
+    """A float32 cache of random K/V and a compact memory (random too; the tests that check writes fill it). Pooled:
+    the rows' segments lie in a shared pool in the order 1, 2, 0 after a gap, each `length` long."""
+    if pooled:
+        cache = KVCache.pooled(layers, rows, hkv, 7 + rows * length, d, torch.float32, "cpu")
+        cache.place(1, 7)  # the gap, given back below
+        for r in (1, 2, 0):
+            cache.place(r, length) if r != 1 else None
+        cache.release(1)
+        cache.place(1, length)
+        assert sorted(cache.base) == [7, 7 + length, 7 + 2 * length] and cache.base[1] == 7 + 2 * length
+        pools = (cache.pool_k, cache.pool_v)
+    else:
+        cache = KVCache(layers, rows, hkv, length, d, torch.float32, "cpu")
+        pools = (cache.k, cache.v)
     memory = SparseMemory(layers, rows, hkv, sink, k_head, d, torch.float32, "cpu")
-    for t in (cache.k, cache.v, memory.k, memory.v):
+    for t in (*pools, memory.k, memory.v):
         t.copy_(torch.randn(t.shape, generator=g))
     return cache, memory
 
 
+def own(t: torch.Tensor, cache: KVCache, layer: int, row: int) -> torch.Tensor:
+    """Row `row`'s positions of layer `layer` of `t` (cache.k or cache.v) from its own position 0: [Hkv, S', D]."""
+    return t[layer, row, :, cache.base[row]:]
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["rows", "pool"])
 @pytest.mark.parametrize("params", [SPEC, SelectorParams(), SelectorParams(**SPAN)], ids=["spec", "ours", "span"])
-def test_step_refresh_writes_what_the_selector_picks(params):
+def test_step_refresh_writes_what_the_selector_picks(params, pooled):
     """Six layers in three groups of two (the third group reuses the first's buffers), two slow rows with
-    different domains: the compact memory holds the sink and exactly the rows `select` picks."""
+    different domains: the compact memory holds the sink and exactly the rows `select` picks; from a pool, the rows'
+    own segments."""
     g = torch.Generator().manual_seed(0)
     layers, rows, hkv, hq, length, d, sink, k_head = 6, 3, 4, 8, 90, 8, 4, 20
-    cache, memory = random_cache(g, layers, rows, hkv, length, d, sink, k_head)
+    cache, memory = random_cache(g, layers, rows, hkv, length, d, sink, k_head, pooled)
     memory.k.fill_(float("nan"))
     refresh = StepRefresh(cache, memory, params, batch=rows, capacity=length, n_heads=hq)
     slots = [(2, sink, 70), (0, sink, 30)]  # (cache row, lo, hi): domains of 66 and 26 positions
     refresh.meta.copy_(torch.tensor([[r for r, _, _ in slots] + [0], [lo for _, lo, _ in slots] + [0],
                                      [hi - lo for _, lo, hi in slots] + [0],
-                                     [min(k_head, hi - lo) for _, lo, hi in slots] + [0]], dtype=torch.int32))
+                                     [min(k_head, hi - lo) for _, lo, hi in slots] + [0],
+                                     [cache.base[r] for r, _, _ in slots] + [0]], dtype=torch.int32))
     step = refresh.for_step(len(slots))
     assert group_size(layers) == 2
     logits = {}
@@ -57,20 +77,20 @@ def test_step_refresh_writes_what_the_selector_picks(params):
         for s, (row, lo, hi) in enumerate(slots):
             z = torch.randn(hq, hi - lo, generator=g) * 3
             cap.z[s, :, : hi - lo] = z
-            cap.norms[s, :, : hi - lo] = cache.k[layer, row, :, lo:hi].norm(dim=-1)
+            cap.norms[s, :, : hi - lo] = own(cache.k, cache, layer, row)[:, lo:hi].norm(dim=-1)
             logits[layer, s] = z
         step.after_attention(layer)
     step.finish()
     for layer in range(layers):
         for s, (row, lo, hi) in enumerate(slots):
             z = logits[layer, s].reshape(hkv, hq // hkv, hi - lo)
-            picks = select(z, cache.k[layer, row, :, lo:hi].norm(dim=-1), k_head, params)  # [Hkv, n]
-            want = cache.k[layer, row].gather(1, (picks + lo)[..., None].expand(-1, -1, d))
+            keys, values = own(cache.k, cache, layer, row), own(cache.v, cache, layer, row)
+            picks = select(z, keys[:, lo:hi].norm(dim=-1), k_head, params)  # [Hkv, n]
+            index = (picks + lo)[..., None].expand(-1, -1, d)
             n = picks.shape[1]
-            torch.testing.assert_close(memory.k[layer, row, :, :sink], cache.k[layer, row, :, :sink])
-            torch.testing.assert_close(memory.k[layer, row, :, sink:sink + n], want)
-            torch.testing.assert_close(memory.v[layer, row, :, sink:sink + n],
-                                       cache.v[layer, row].gather(1, (picks + lo)[..., None].expand(-1, -1, d)))
+            torch.testing.assert_close(memory.k[layer, row, :, :sink], keys[:, :sink])
+            torch.testing.assert_close(memory.k[layer, row, :, sink:sink + n], keys.gather(1, index))
+            torch.testing.assert_close(memory.v[layer, row, :, sink:sink + n], values.gather(1, index))
     assert memory.k[:, 1].isnan().all()  # no slot names row 1: untouched
 
 

@@ -121,9 +121,14 @@ def _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh) -> t
         return None
 
 
+def positions(request: Request) -> int:
+    """Cache positions a request needs: the last sampled token is never written back."""
+    return len(request.prompt_ids) + request.stopper.max_new_tokens - 1
+
+
 def cache_length(requests: Sequence[Request]) -> int:
-    """Cache positions a batch needs: the last sampled token of a row is never written back."""
-    return max(len(r.prompt_ids) + r.stopper.max_new_tokens - 1 for r in requests)
+    """Cache positions a batch of rows needs: its longest request's."""
+    return max(positions(r) for r in requests)
 
 
 def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[int], chunk: int,
@@ -162,13 +167,15 @@ class _Row:
 
 
 class Decoder:
-    """Continuous decoding over `slots` rows of one KV cache (allocated once, `max_len` positions per row)."""
+    """Continuous decoding over `slots` rows of one KV cache, allocated once: `max_len` positions per row, or a
+    `cache` given (a pool whose segments the admitted rows take and give back, sfi.cache)."""
 
     def __init__(self, model: Transformer, slots: int, max_len: int, runtime: SfiRuntime | None = None,
                  prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None) -> None:
         self.model, self.runtime, self.chunk, self.probe = model, runtime, prefill_chunk, probe
         self.cache = cache or model.new_cache(slots, max_len)
-        max_len = self.cache.max_len
+        if not self.cache.is_pool:
+            max_len = self.cache.max_len
         memory = None
         if runtime is not None:
             if runtime.needs_memory([max_len]):
@@ -192,6 +199,14 @@ class Decoder:
     def busy(self) -> bool:
         return bool(self.rows)
 
+    def fits(self, request: Request) -> bool:
+        """Whether the cache has room for `request` now (a pool may not, until a running row leaves)."""
+        return self.cache.fits(positions(request))
+
+    def _leave(self, slot: int) -> None:
+        del self.rows[slot]
+        self.cache.release(slot)
+
     def progress(self, slot: int) -> int:
         """Prompt positions of `slot`'s row already in the cache (for a follower waiting on its prefix)."""
         row = self.rows.get(slot)
@@ -202,12 +217,14 @@ class Decoder:
         if slot in self.rows:
             raise ValueError(f"slot {slot} is busy")
         n = len(request.prompt_ids)
-        if n + request.stopper.max_new_tokens - 1 > self.cache.max_len:
-            raise ValueError(f"a request of {n} + {request.stopper.max_new_tokens} tokens does not fit rows of "
-                             f"{self.cache.max_len}")
         if request.reuse is not None and request.reuse[1] > n - 1:
             raise ValueError(f"a request cannot copy {request.reuse[1]} of its {n} prompt tokens (its last one is "
                              "its own)")
+        if not self.cache.fits(positions(request)):
+            raise ValueError(f"a request of {n} + {request.stopper.max_new_tokens} tokens does not fit the cache "
+                             f"({'a pool of' if self.cache.is_pool else 'rows of'} {self.cache.max_len - self.cache.is_pool} "
+                             "positions)")
+        self.cache.place(slot, positions(request))
         self.rows[slot] = _Row(request)
         if self.runtime is not None:
             self.runtime.reset(slot)
@@ -299,8 +316,9 @@ class Decoder:
         if self.progress(src) < n:
             return False
         c = self.cache
-        c.k[:, p.row, :, :n] = c.k[:, src, :, :n]
-        c.v[:, p.row, :, :n] = c.v[:, src, :, :n]
+        a, b = c.base[p.row], c.base[src]
+        c.k[:, p.row, :, a:a + n] = c.k[:, src, :, b:b + n]
+        c.v[:, p.row, :, a:a + n] = c.v[:, src, :, b:b + n]
         self.rows[p.row].progress = n
         p.waits_for = None
         return True
@@ -322,7 +340,7 @@ class Decoder:
         if self.runtime is not None:
             self.runtime.observe(p.row, token)
         if finished:
-            del self.rows[p.row]
+            self._leave(p.row)
         return PrefillDone(p.row, p.started, p.seconds, finished, logprob[0] if logprob else None,
                            sampled if req.forced else None, len(p.ids) - p.reused, p.reused)
 
@@ -357,7 +375,7 @@ class Decoder:
             row.last = token
             if row.request.stopper.feed(token):
                 finished.append(slot)
-                del self.rows[slot]
+                self._leave(slot)
             elif rt is not None:
                 rt.observe(slot, token)
         event = StepDone(self.steps, active, tokens, finished, seconds, kinds, logprobs, self.static.captured,

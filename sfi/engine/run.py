@@ -60,6 +60,7 @@ class RunSummary:
     elapsed_s: float = 0.0
     prefill_s: float = 0.0  # summed over jobs: time in their own prefill chunks
     decode_s: float = 0.0  # summed over decode steps
+    decode_steps: int = 0  # decode steps taken (completion tokens / steps: the mean batch width)
     compare_s: float = 0.0  # --compare dense: the dense pass (prefill and decode), kept out of the run's own
     prefill_tokens_computed: int = 0
     prefill_tokens_reused: int = 0  # prompt tokens copied from another job's shared prefix
@@ -273,28 +274,37 @@ class Runner:
                        StopChecker(lm.tokenizer, eos, p.stop, p.prompt.max_new_tokens), reuse=reuse)
 
     def _decode(self, lm: LoadedModel, bucket: Bucket[Prepared], sfi: bool) -> Iterator[Decoded]:
-        """Decode a bucket continuously, yielding each job as it finishes: a finished row's slot takes the next
-        job, whose prompt is prefilled a chunk per step between the running rows' decode steps. Out of memory,
-        the jobs in flight go back to the queue and the bucket goes on with half the slots."""
+        """Decode a bucket, yielding each job as it finishes. Continuous: a finished row's slot (and, in a pool,
+        its room) goes to the first queued job that fits, whose prompt is prefilled a chunk per step between the
+        running rows' decode steps; static: the next jobs start when the batch has finished. Out of memory, the
+        jobs in flight go back to the queue and the bucket goes on with half the slots (and half the pool)."""
         import torch
 
         from .decoder import Decoder
 
         d = self.cfg.decode
         queue = deque(it.item for it in bucket.items)
-        slots = bucket.slots
+        slots, pool = bucket.slots, bucket.pool
         while queue:
             flights: dict[int, _Flight] = {}
             try:
                 runtime = self._runtime(lm, slots, sfi)
-                decoder = Decoder(lm.model, slots, bucket.max_tokens, runtime, d.prefill_chunk, d.cuda_graphs)
+                cache = lm.model.new_pool(slots, pool, bucket.max_tokens) if pool else None
+                decoder = Decoder(lm.model, slots, bucket.max_tokens, runtime, d.prefill_chunk, d.cuda_graphs,
+                                  cache=cache)
                 while queue or decoder.busy:
                     if d.continuous or not decoder.busy:
-                        for slot in decoder.free[:len(queue)]:
-                            p = queue.popleft()
+                        for slot in decoder.free:
+                            p = self._next(queue, decoder)
+                            if p is None:
+                                break
                             request = self._request(lm, p, self._reuse(p, flights))
                             flights[slot] = _Flight(p, request, time.perf_counter())
                             decoder.admit(slot, request)
+                    if queue and not decoder.busy:  # not even an empty cache holds the next job (a plan never
+                        lost = queue.popleft()     # leaves one so): its error, not a loop that waits forever
+                        yield Decoded(lost, [], self._error(lost.job.id, "does not fit the KV cache", lost.job.api))
+                        continue
                     for e in decoder.prefill(d.prefill_chunk if d.continuous and decoder.busy else None):
                         self._prefilled(flights[e.row], e, sfi)
                         if e.finished:
@@ -304,6 +314,7 @@ class Runner:
                         continue
                     if sfi:  # the --compare pass is not part of the run's own throughput
                         self.summary.decode_s += step.seconds
+                        self.summary.decode_steps += 1
                     self.obs.tokens(len(step.rows))
                     for row in step.finished:
                         yield self._finish(lm, flights.pop(row), runtime, row)
@@ -320,7 +331,19 @@ class Runner:
                 half = max(1, slots // 2)
                 if slots > 1:
                     self.obs.message(f"out of memory with {slots} rows; retrying with {half} at a time")
+                if pool:  # half the pool, still room for the longest job
+                    pool = max(bucket.max_tokens, pool * half // slots)
                 slots = half
+
+    @staticmethod
+    def _next(queue: deque[Prepared], decoder) -> Prepared | None:
+        """Take the first queued job the decoder's cache has room for now (a pool may not have it for the queue's
+        head until a longer row leaves: shorter jobs behind it fill the gap meanwhile)."""
+        for i, p in enumerate(queue):
+            if decoder.cache.fits(len(p.prompt.ids) + p.prompt.max_new_tokens - 1):
+                del queue[i]
+                return p
+        return None
 
     def _reuse(self, p: Prepared, flights: dict[int, _Flight]) -> tuple[int, int] | None:
         """(slot, n) of a job in flight whose prompt starts with this job's shared prefix, if any."""
@@ -442,7 +465,7 @@ class Runner:
         return tokens + (cfg.sink + cfg.k_head if needs_memory else 0)
 
     def _decode_all(self, lm: LoadedModel, sized: list[Sized[Prepared]], writer: ResultWriter) -> None:
-        from .scheduler import available_memory, plan_buckets, prefix_groups
+        from .scheduler import Sized, available_memory, plan_buckets, plan_pool, prefix_groups
 
         d = self.cfg.decode
         device = lm.model.device
@@ -457,7 +480,13 @@ class Runner:
             groups, shared = prefix_groups([it.item.prompt.ids for it in sized], d.prefix_min_tokens, keep)
             for it, g, n in zip(sized, groups, shared, strict=True):
                 it.item.group, it.item.shared = g, n
-        buckets, too_big = plan_buckets(sized, bpt, budget, d.max_batch_size, groups, d.continuous)
+        if d.continuous:  # one pool: every job at its own length (see sfi.engine.scheduler)
+            own = [Sized(it.item, len(it.item.prompt.ids) + it.item.prompt.max_new_tokens) for it in sized]
+            memory = max(self._cache_tokens(it.tokens) - it.tokens for it in own)  # a slot's compact memory
+            pool, too_big = plan_pool(own, bpt, budget, d.max_batch_size, memory, groups)
+            buckets = [pool] if pool is not None else []
+        else:
+            buckets, too_big = plan_buckets(sized, bpt, budget, d.max_batch_size, groups)
         for it in too_big:
             need = it.tokens * bpt / 2**30
             self._fail(writer, it.item.job.id, f"needs {need:.2f} GiB of KV cache for {it.tokens} tokens; "

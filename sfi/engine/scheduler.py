@@ -1,10 +1,12 @@
-"""Plan the work: length buckets under a KV-memory budget, and the prompts that share a prefix.
+"""Plan the work under a KV-memory budget, and find the prompts that share a prefix.
 
-Each bucket is decoded continuously by one `Decoder` whose cache has `slots` rows of the bucket's longest job
-(prompt + completion); a row that finishes takes the bucket's next job. Rows in a bucket have similar lengths,
-so little cache is wasted. Jobs whose prompts share a long prefix (one document, several questions) go to one
-bucket, next to each other, so a later one copies the prefix from an earlier one still in its slot. The engine
-halves the slots of a bucket that still runs out of memory; this module only plans.
+Continuous batching (`plan_pool`): every job goes to one `Decoder` over a pooled cache (sfi.cache), longest first;
+a job takes a free slot and a segment of exactly its own length as soon as both exist, so jobs of 2k and 32k tokens
+run side by side and a finished row's room goes to whatever fits next. Static batches (`plan_buckets`): length
+buckets, each decoded to its longest job by a Decoder whose cache has `slots` rows of that job's length. Jobs whose
+prompts share a long prefix (one document, several questions) stay next to each other, so a later one copies the
+prefix from an earlier one still in its slot. The engine halves the slots of a plan that still runs out of memory;
+this module only plans.
 """
 
 from __future__ import annotations
@@ -50,53 +52,69 @@ def bucket_of(tokens: int) -> int:
 
 @dataclass
 class Bucket(Generic[T]):
-    """Jobs decoded by one continuous batch: `slots` rows of `max_tokens` cache positions each."""
+    """Jobs decoded by one Decoder: `slots` rows of `max_tokens` cache positions each, or with `pool` > 0 `slots`
+    rows sharing a pooled cache of that many positions (none longer than `max_tokens`)."""
 
     items: list[Sized[T]]
     slots: int
     max_tokens: int
+    pool: int = 0
 
 
-def plan_buckets(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, max_batch_size: int,
-                 groups: Sequence[int] | None = None,
-                 continuous: bool = False) -> tuple[list[Bucket[T]], list[Sized[T]]]:
-    """(buckets, too_big): longest bucket first; each bucket's rows fit `budget` bytes of KV together. Items
-    sharing a `groups` id (a shared prefix; -1 = none) land in one bucket, consecutively. Items whose single-row
-    cache exceeds the budget come back in `too_big`.
-
-    With `continuous` (a finished row's slot takes the bucket's next job), a shorter length class joins the
-    bucket before it while that bucket's rows are at least half as many as the class could run alone: its jobs
-    then fill slots that would otherwise idle while the longer jobs finish, instead of waiting for a batch of
-    their own. Length classes alone (static batches) keep every batch as wide as memory allows but decode
-    each to its longest job."""
-    groups = list(groups) if groups is not None else [-1] * len(items)
-    too_big = [it for it in items if it.tokens * bytes_per_token > budget]
-    # A group's bucket is its longest member's.
+def _longest_first(items: Sequence[Sized[T]], groups: Sequence[int]) -> list[tuple[int, Sized[T]]]:
+    """(the tokens it ranks by, item), longest first: a group's members together, at its longest member's place
+    (ranked by that member's tokens)."""
     group_tokens: dict[int, int] = {}
     for it, g in zip(items, groups, strict=True):
         if g >= 0:
             group_tokens[g] = max(group_tokens.get(g, 0), it.tokens)
-    by_bucket: dict[int, list[tuple[int, int, Sized[T]]]] = {}
-    for order, (it, g) in enumerate(zip(items, groups, strict=True)):
-        if it.tokens * bytes_per_token > budget:
-            continue
-        key = bucket_of(group_tokens[g] if g >= 0 else it.tokens)
-        # Longest first within a bucket; a group's members together, at its longest member's place.
-        rank = -(group_tokens[g] if g >= 0 else it.tokens)
-        by_bucket.setdefault(key, []).append((rank, g if g >= 0 else -1 - order, it))
+    keyed = [(-(group_tokens[g] if g >= 0 else it.tokens), g if g >= 0 else -1 - order, order, it)
+             for order, (it, g) in enumerate(zip(items, groups, strict=True))]
+    return [(-rank, it) for rank, _, _, it in sorted(keyed, key=lambda k: k[:3])]
+
+
+def plan_pool(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, max_batch_size: int,
+              slot_tokens: int = 0, groups: Sequence[int] | None = None) -> tuple[Bucket[T] | None, list[Sized[T]]]:
+    """(one pooled bucket of every item that fits, too_big): items' `tokens` are the cache positions they take in
+    the pool; each slot also costs `slot_tokens` positions' worth outside it (SFI's compact memory). The pool is no
+    larger than the items need all at once, and leaves room for at least the longest item; slots are as many as
+    `max_batch_size` and the items allow while it does."""
+    groups = list(groups) if groups is not None else [-1] * len(items)
+    ordered = _longest_first(items, groups)
+    positions = budget // max(bytes_per_token, 1)
+    slots = max(1, min(max_batch_size, len(items)))
+    longest = max((it.tokens for it in items if it.tokens <= positions - slot_tokens), default=1)
+    while slots > 1 and positions - slots * slot_tokens < longest:
+        slots -= 1
+    pool = positions - slots * slot_tokens
+    fit = [it for _, it in ordered if it.tokens <= pool]
+    too_big = [it for it in items if it.tokens > pool]
+    if not fit:
+        return None, too_big
+    pool = min(pool, sum(it.tokens for it in fit))
+    return Bucket(fit, min(slots, len(fit)), max(it.tokens for it in fit), pool), too_big
+
+
+def plan_buckets(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, max_batch_size: int,
+                 groups: Sequence[int] | None = None) -> tuple[list[Bucket[T]], list[Sized[T]]]:
+    """(buckets, too_big) for static batches: longest bucket first; each bucket's rows fit `budget` bytes of KV
+    together. Items sharing a `groups` id (a shared prefix; -1 = none) land in one bucket, consecutively. Items
+    whose single-row cache exceeds the budget come back in `too_big`. Each batch is as wide as memory allows and
+    decodes to its longest job."""
+    groups = list(groups) if groups is not None else [-1] * len(items)
+    too_big = [it for it in items if it.tokens * bytes_per_token > budget]
+    by_bucket: dict[int, list[Sized[T]]] = {}
+    for rank, it in _longest_first(items, groups):
+        if it.tokens * bytes_per_token <= budget:
+            by_bucket.setdefault(bucket_of(rank), []).append(it)  # a group's bucket is its longest member's
+
     def slots(n: int, longest: int) -> int:
         return max(1, min(max_batch_size, n, budget // (longest * bytes_per_token)))
 
     buckets: list[Bucket[T]] = []
     for key in sorted(by_bucket, reverse=True):
-        members = [it for _, _, it in sorted(by_bucket[key], key=lambda m: (m[0], m[1]))]
+        members = by_bucket[key]
         longest = max(it.tokens for it in members)
-        last = buckets[-1] if buckets else None
-        if continuous and last is not None and 2 * slots(len(last.items) + len(members), last.max_tokens) >= \
-                slots(len(members), longest):
-            last.items += members
-            last.slots = slots(len(last.items), last.max_tokens)
-            continue
         buckets.append(Bucket(members, slots(len(members), longest), longest))
     return buckets, too_big
 

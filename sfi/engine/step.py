@@ -11,8 +11,8 @@ One graph per (batch size, split size, split count, slow-row count): the split s
 rows decoding (`default_split`), the split count is the number of splits of the longest row rounded up (`_bucket`),
 so a growing batch keeps its graph for long stretches, and splits past a row's end cost an empty block each. With
 graphs, a step's batch is padded to the next power of two (at most the cache's rows): rows that are not decoding
-(free, or still prefilling) ride along as padding that reads and writes only their row's last position, which no
-real token has reached yet. Slow rows come first (the decoder orders them so) and attend in a launch of their own
+(free, or still prefilling) ride along as padding that reads and writes only the last position of their row of the
+cache view (in a pool, the scratch position past every segment), which no real token has reached yet. Slow rows come first (the decoder orders them so) and attend in a launch of their own
 with a split for their whole caches, the other rows with a split for their short ranges: one split for all made the
 fast rows of a slow step run a 128k row's split count, mostly empty blocks (p90 step 20.7 ms against p50 4.2 ms at
 128k x 4 on an H200, before this). Under continuous batching the number of decoding rows changes all the time;
@@ -36,7 +36,7 @@ from ..method.refresh import StepRefresh
 from ..method.selector import SelectorParams
 from ..model import DecodeStep, Transformer
 
-N_HOST = 14  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 4 slot
+N_HOST = 17  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 5 slot, base, write position
 
 
 def _bucket(n_split: int) -> int:
@@ -53,6 +53,8 @@ class _Buffers:
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.rows = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.write_at = torch.zeros(batch, dtype=torch.long, device=dev)  # base + position (a pooled cache)
+        self.base = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # rows, compact_len, span_start, span_len
         self.dense_meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # the same for a whole-cache read
         self.refresh: dict[int, StepRefresh] = {}  # by key capacity
@@ -67,7 +69,7 @@ class _Buffers:
                           memory=memory, refresh=refresh, split=shape.split, probe=probe,
                           dense_layers=shape.dense_layers, dense_ranges=dense, dense_split=shape.dense_split,
                           n_slow=shape.n_slow if shape.slow_keys else 0, slow_keys=shape.slow_keys,
-                          slow_split=shape.slow_split or None)
+                          slow_split=shape.slow_split or None, base=self.base, write_at=self.write_at)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class StaticDecoder:
                compact_len: Sequence[int], span_start: Sequence[int],
                slow: Sequence[tuple[int, int, int]] = (), probe=None) -> torch.Tensor:
         """One step; float32 logits [B, V], valid until the next call. Row b reads compact_len[b] rows of
-        its compact memory, then its cache from span_start[b] to positions[b] (inclusive). Each (batch
+        its compact memory, then its cache from span_start[b] to positions[b] (inclusive), positions of its own
+        (the cache adds the row's base). Each (batch
         index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
         refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
         layer's attention; such steps are launched op by op."""
@@ -121,13 +124,16 @@ class StaticDecoder:
         if any(i >= n_slow for i, _, _ in slow):
             raise ValueError("slow rows must come first in a step's batch")
         width = min(self.cache.batch, 1 << max(0, n - 1).bit_length())
+        base = [self.cache.base[r] for r in rows]
         if self.pad and n < width and probe is None:
+            # A padding row is a free slot at position 0 whose row starts at the view's last position (its own
+            # row's last, or a pool's scratch position): it writes and reads that position only, in every layer.
             busy = set(rows)
             idle = [r for r in range(self.cache.batch) if r not in busy][:width - n]
-            last = self.cache.max_len - 1
-            tokens, rows = [*tokens, *[0] * len(idle)], [*rows, *idle]
-            positions, span_start = [*positions, *[last] * len(idle)], [*span_start, *[last] * len(idle)]
-            compact_len = [*compact_len, *[0] * len(idle)]
+            zeros = [0] * len(idle)
+            tokens, rows, positions = [*tokens, *zeros], [*rows, *idle], [*positions, *zeros]
+            span_start, compact_len = [*span_start, *zeros], [*compact_len, *zeros]
+            base = [*base, *[self.cache.max_len - 1] * len(idle)]
         b = len(rows)
         buf = self._buffers.get(b)
         if buf is None:
@@ -148,14 +154,17 @@ class StaticDecoder:
         host = buf.host
         if buf.copied is not None:
             buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
-        for i, values in enumerate((tokens, rows, positions, rows, compact_len, span_start, span)):
+        for i, values in enumerate((tokens, rows, positions, rows, compact_len,
+                                    [a + s for a, s in zip(base, span_start, strict=True)], span)):
             host[i] = torch.as_tensor(values, dtype=torch.long)
-        host[7:] = 0
+        host[7:15] = 0
         host[7] = -1
+        host[15] = torch.as_tensor(base, dtype=torch.long)
+        host[16] = host[15] + host[2]
         k_head = self.memory.k_head if self.memory is not None else 0
         for s, (i, lo, hi) in enumerate(slow):
-            host[7:10, i] = torch.tensor([s, lo, hi])
-            host[10:14, s] = torch.tensor([rows[i], lo, hi - lo, min(k_head, hi - lo)])
+            host[7:10, i] = torch.tensor([s, base[i] + lo, base[i] + hi])
+            host[10:15, s] = torch.tensor([rows[i], lo, hi - lo, min(k_head, hi - lo), base[i]])
         dev = host.to(self.model.device, non_blocking=True)
         if self.model.device.type == "cuda":
             buf.copied = torch.cuda.Event()
@@ -164,14 +173,17 @@ class StaticDecoder:
         buf.rows.copy_(dev[1])
         buf.positions.copy_(dev[2])
         buf.meta.copy_(dev[3:7])
+        buf.base.copy_(dev[15])
+        buf.write_at.copy_(dev[16])
         if self.dense_layers:
             buf.dense_meta[0].copy_(dev[3])
+            buf.dense_meta[2].copy_(dev[15])
             buf.dense_meta[3].copy_(dev[2] + 1)
         refresh = None
         if slow:
             refresh = self._refresh(buf, b, shape.slow_keys or max_keys)
             refresh.row_meta.copy_(dev[7:10])
-            refresh.meta.copy_(dev[10:14])
+            refresh.meta.copy_(dev[10:15])
             refresh = refresh.for_step(len(slow))
         if not self.graphs or probe is not None:
             self.captured = False

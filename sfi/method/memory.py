@@ -27,9 +27,10 @@ class SparseMemory:
     def write(self, layers: int | slice, row: int, cache: KVCache, lo: int, picks: torch.Tensor) -> int:
         """Copy the sink rows and the picked rows (picks [Hkv, n] for one layer, [L', Hkv, n] for a slice of
         layers; positions relative to `lo`) of cache row `row`. Returns the compact length sink + n."""
-        n, sink = picks.shape[-1], self.sink
+        n, sink, base = picks.shape[-1], self.sink, cache.base[row]
         index = (picks + lo)[..., None].expand(*picks.shape, cache.k.shape[-1])  # [..., Hkv, n, D]
         for src, dst in ((cache.k, self.k), (cache.v, self.v)):
-            dst[layers, row, :, :sink] = src[layers, row, :, :sink]
-            dst[layers, row, :, sink:sink + n] = src[layers, row].gather(-2, index)
+            own = src[layers, row, :, base:]  # the row's positions from its 0
+            dst[layers, row, :, :sink] = own[..., :sink, :]
+            dst[layers, row, :, sink:sink + n] = own.gather(-2, index)
         return sink + n

@@ -18,7 +18,8 @@ read their own). Everything has static shapes and device-side metadata, so the w
 is captured in one CUDA graph per (batch, key capacity, slow-row count).
 
 Slots: slot s (0 <= s < S) is the s-th slow row of the step; `meta` holds per slot its cache row, the
-first domain position lo, the domain length n and the number of picks kept, min(k_head, n).
+first domain position lo, the domain length n, the number of picks kept, min(k_head, n), and where the row's
+position 0 lies in the cache (its base: 0 but in a pooled cache, sfi.cache).
 """
 
 from __future__ import annotations
@@ -48,22 +49,26 @@ def group_size(n_layers: int, groups: int = GROUPS) -> int:
 
 class StepRefresh:
     """Buffers, streams and events for the in-step refresh of up to `batch` slow rows with domains of
-    up to `capacity` positions. `row_meta` [3, B] int32 (slot or -1, lo, hi per batch row) and `meta`
-    [4, B] int32 (per slot) are filled by the caller before each step."""
+    up to `capacity` positions. `row_meta` [3, B] int32 (slot or -1, lo, hi per batch row, lo and hi including
+    the row's base) and `meta` [5, B] int32 (per slot) are filled by the caller before each step."""
 
     def __init__(self, cache: KVCache, memory: SparseMemory, params: SelectorParams, batch: int, capacity: int,
                  n_heads: int) -> None:
         self.cache, self.memory, self.params = cache, memory, params
-        n_layers, bc, hkv, _, _ = cache.k.shape
+        n_layers, _, hkv, _, _ = cache.k.shape
         self.group = g = group_size(n_layers)
         dev = cache.k.device
         # [2 group buffers, slot, layer of the group, heads, position]: a group's problems are contiguous.
         self.z = torch.zeros(2, batch, g, n_heads, capacity, dtype=torch.float32, device=dev)
         self.norms = torch.zeros(2, batch, g, hkv, capacity, dtype=torch.float32, device=dev)
         self.row_meta = torch.full((3, batch), -1, dtype=torch.int32, device=dev)
-        self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)
-        # Row of the [L * Bc] flattened cache for (group, layer of the group), before adding the cache row.
-        self.layer_rows = (torch.arange(n_layers, dtype=torch.int32, device=dev) * bc).view(-1, g)
+        self.meta = torch.zeros(5, batch, dtype=torch.int32, device=dev)
+        # Rows of the flattened cache (KVCache.flat) and memory for (group, layer of the group), before adding
+        # the cache row times its stride.
+        self.flat_k, self.flat_v, self.layer_stride, self.slot_stride = cache.flat()
+        layers = torch.arange(n_layers, dtype=torch.int32, device=dev)
+        self.layer_rows = (layers * self.layer_stride).view(-1, g)
+        self.memory_rows = (layers * memory.k.shape[1]).view(-1, g)
         self.n_slots = 0
         self.cuda = dev.type == "cuda"
         if self.cuda:
@@ -103,7 +108,7 @@ class StepRefresh:
 
     def _refresh(self, group: int) -> None:
         s, g = self.n_slots, self.group
-        rows, lo, n, count = self.meta[:, :s].unbind(0)
+        rows, lo, n, count, base = self.meta[:, :s].unbind(0)
         hq, cap = self.z.shape[3], self.z.shape[4]
         hkv = self.norms.shape[3]
         buf = group % 2
@@ -116,9 +121,10 @@ class StepRefresh:
         score = scores_fn(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
         # [S * g, Hkv, min(k_head, cap)], domain order; the -inf scores (past n) come last and are not written
         picks = top_positions(score, self.memory.k_head)
-        # The compaction writer sees the layers of the cache and memory as rows: row = layer * Bc + cache row.
-        flat_rows = (self.layer_rows[group][None, :] + rows[:, None]).view(-1)
-        c, m = self.cache, self.memory
-        flat = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731  [L, Bc, ...] -> [L * Bc, ...]
-        write_fn(flat(c.k), flat(c.v), flat(m.k), flat(m.v), flat_rows, per_problem(lo), per_problem(count), picks,
-                 m.sink)
+        # The compaction writer sees the layers of the cache and memory as rows (KVCache.flat).
+        cache_rows = (self.layer_rows[group][None, :] + rows[:, None] * self.slot_stride).view(-1)
+        memory_rows = (self.memory_rows[group][None, :] + rows[:, None]).view(-1)
+        m = self.memory
+        flat = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731  [L, B, ...] -> [L * B, ...]
+        write_fn(self.flat_k, self.flat_v, flat(m.k), flat(m.v), memory_rows, per_problem(lo), per_problem(count),
+                 picks, m.sink, cache_rows, per_problem(base))

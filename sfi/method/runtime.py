@@ -110,7 +110,8 @@ class SfiRuntime:
             picks = torch.empty(*z.shape[:-3], hkv, 0, dtype=torch.long, device=z.device)
         else:
             zg = z.reshape(*z.shape[:-3], hkv, (hq // hkv) * r, n)  # query heads h*G..h*G+G-1 share KV head h
-            norms = cache.k[layer, row, :, lo:lo + n].float().norm(dim=-1)  # [..., Hkv, N]
+            at = cache.base[row] + lo
+            norms = cache.k[layer, row, :, at:at + n].float().norm(dim=-1)  # [..., Hkv, N]
             if zg.is_cuda and self.rows_see_domain:
                 picks = select_fused(zg, norms, self.cfg.k_head, self.score_params)
             else:

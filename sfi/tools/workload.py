@@ -57,7 +57,9 @@ def _row(name: str, recipe: str, continuous: bool, s: RunSummary) -> dict[str, A
             "jobs_per_hour": round(s.jobs_per_hour, 1), "prompt_tok_s": round(s.prompt_tokens / e, 1),
             "completion_tok_s": round(s.completion_tokens / e, 1), "decode_tok_s": round(s.decode_tok_s, 1),
             "elapsed_s": round(s.elapsed_s, 2), "load_s": round(s.load_s, 2), "prefill_s": round(s.prefill_s, 2),
-            "decode_s": round(s.decode_s, 2), "idle_s": round(s.idle_s, 2), "prompt_tokens": s.prompt_tokens,
+            "decode_s": round(s.decode_s, 2), "idle_s": round(s.idle_s, 2), "decode_steps": s.decode_steps,
+            "mean_rows_per_step": round(s.completion_tokens / s.decode_steps, 2) if s.decode_steps else None,
+            "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens, "prefill_tokens_computed": s.prefill_tokens_computed,
             "prefill_tokens_reused": s.prefill_tokens_reused, "slow_steps": s.slow_steps, "fast_steps": s.fast_steps,
             "kv_read_fraction": round(s.kv_bytes_read / s.kv_bytes_dense, 4) if s.kv_bytes_dense else None}
