@@ -219,6 +219,7 @@ def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache,
     has_norm = q_norm is not None
     _decode_qkv_kernel[(b, n_heads + n_kv_heads)](
         qkv, q_norm if has_norm else qkv, k_norm if has_norm else qkv, cos_table, sin_table, k_cache, v_cache,
-        rows, positions, positions if write_at is None else write_at, q, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
+        rows, positions, positions if write_at is None else write_at, q, qkv.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), q.stride(0),
         eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, num_warps=1)
     return q

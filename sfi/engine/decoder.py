@@ -221,9 +221,9 @@ class Decoder:
             raise ValueError(f"a request cannot copy {request.reuse[1]} of its {n} prompt tokens (its last one is "
                              "its own)")
         if not self.cache.fits(positions(request)):
+            room = f"a pool of {self.cache.max_len - 1}" if self.cache.is_pool else f"rows of {self.cache.max_len}"
             raise ValueError(f"a request of {n} + {request.stopper.max_new_tokens} tokens does not fit the cache "
-                             f"({'a pool of' if self.cache.is_pool else 'rows of'} {self.cache.max_len - self.cache.is_pool} "
-                             "positions)")
+                             f"({room} positions)")
         self.cache.place(slot, positions(request))
         self.rows[slot] = _Row(request)
         if self.runtime is not None:

@@ -7,18 +7,18 @@ or dense row an empty compact range + its whole cache. So slow rows do not break
 others. Slow rows' refreshes run inside the step, a group of layers at a time on a side stream after the
 group's last attention (see sfi.method.refresh), and are part of the graph.
 
-One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row and the
-rows decoding (`default_split`), the split count is the number of splits of the longest row rounded up (`_bucket`),
-so a growing batch keeps its graph for long stretches, and splits past a row's end cost an empty block each. With
-graphs, a step's batch is padded to the next power of two (at most the cache's rows): rows that are not decoding
-(free, or still prefilling) ride along as padding that reads and writes only the last position of their row of the
-cache view (in a pool, the scratch position past every segment), which no real token has reached yet. Slow rows come first (the decoder orders them so) and attend in a launch of their own
-with a split for their whole caches, the other rows with a split for their short ranges: one split for all made the
-fast rows of a slow step run a 128k row's split count, mostly empty blocks (p90 step 20.7 ms against p50 4.2 ms at
-128k x 4 on an H200, before this). Under continuous batching the number of decoding rows changes all the time;
-padded, the batch takes one of a few sizes, so graphs are not captured again for every new count, and a batch's tail
-of a few rows does not pay for the rows that have left. (Padding to every slot was measured on an H200: it made
-static batches' decode 1.5x slower, their tails running at full width.)
+One graph per (batch size, split size, split count, slow-row count): the split size follows the longest row and the rows
+decoding (`default_split`), the split count is the number of splits of the longest row rounded up (`_bucket`), so a
+growing batch keeps its graph for long stretches, and splits past a row's end cost an empty block each. With graphs, a
+step's batch is padded to the next power of two (at most the cache's rows): rows that are not decoding (free, or still
+prefilling) ride along as padding that reads and writes only the last position of their row of the cache view (in a
+pool, the scratch position past every segment), which no real token has reached yet. Slow rows come first (the decoder
+orders them so) and attend in a launch of their own with a split for their whole caches, the other rows with a split for
+their short ranges: one split for all made the fast rows of a slow step run a 128k row's split count, mostly empty
+blocks (p90 step 20.7 ms against p50 4.2 ms at 128k x 4 on an H200, before this). Under continuous batching the number
+of decoding rows changes all the time; padded, the batch takes one of a few sizes, so graphs are not captured again for
+every new count, and a batch's tail of a few rows does not pay for the rows that have left. (Padding to every slot was
+measured on an H200: it made static batches' decode 1.5x slower, their tails running at full width.)
 """
 
 from __future__ import annotations
