@@ -258,6 +258,8 @@ def write_report(path: Path, summary: RunSummary) -> None:
         "tokens": {"prompt": summary.prompt_tokens, "completion": summary.completion_tokens},
         "timing": {"load_s": round(summary.load_s, 3), "prefill_s": round(summary.prefill_s, 3),
                    "decode_s": round(summary.decode_s, 3), "decode_steps": summary.decode_steps,
+                   "graph_captures": summary.graph_captures, "capture_s": round(summary.capture_s, 3),
+                   "oom_retries": summary.oom_retries,
                    "compare_s": round(summary.compare_s, 3),
                    "idle_s": round(summary.idle_s, 3),
                    "elapsed_s": round(summary.elapsed_s, 3), "decode_tok_s": round(summary.decode_tok_s, 2),

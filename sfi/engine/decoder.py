@@ -185,7 +185,7 @@ class Decoder:
             runtime.attach(memory, self.cache)
         self.static = StaticDecoder(model, self.cache, memory, cuda_graphs and probe is None,
                                     runtime.score_params if runtime else None,
-                                    runtime.cfg.dense_layers if runtime else 0)
+                                    runtime.cfg.dense_layers if runtime else 0, longest=max_len)
         self.rows: dict[int, _Row] = {}
         self.prefills: deque[_Prefill] = deque()
         self.steps = 0

@@ -61,6 +61,9 @@ class RunSummary:
     prefill_s: float = 0.0  # summed over jobs: time in their own prefill chunks
     decode_s: float = 0.0  # summed over decode steps
     decode_steps: int = 0  # decode steps taken (completion tokens / steps: the mean batch width)
+    graph_captures: int = 0  # decode steps that captured a new CUDA graph (a one-time cost each)
+    capture_s: float = 0.0  # the time of those steps (part of decode_s)
+    oom_retries: int = 0  # batches that ran out of memory and went on with half the rows
     compare_s: float = 0.0  # --compare dense: the dense pass (prefill and decode), kept out of the run's own
     prefill_tokens_computed: int = 0
     prefill_tokens_reused: int = 0  # prompt tokens copied from another job's shared prefix
@@ -315,6 +318,8 @@ class Runner:
                     if sfi:  # the --compare pass is not part of the run's own throughput
                         self.summary.decode_s += step.seconds
                         self.summary.decode_steps += 1
+                        self.summary.graph_captures += step.captured_graph
+                        self.summary.capture_s += step.seconds if step.captured_graph else 0.0
                     self.obs.tokens(len(step.rows))
                     for row in step.finished:
                         yield self._finish(lm, flights.pop(row), runtime, row)
@@ -329,6 +334,7 @@ class Runner:
                                                         lost.job.api))
                 queue.extendleft(reversed(left))
                 half = max(1, slots // 2)
+                self.summary.oom_retries += 1
                 if slots > 1:
                     self.obs.message(f"out of memory with {slots} rows; retrying with {half} at a time")
                 if pool:  # half the pool, still room for the longest job

@@ -57,7 +57,7 @@ class _Buffers:
         self.base = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # rows, compact_len, span_start, span_len
         self.dense_meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # the same for a whole-cache read
-        self.refresh: dict[int, StepRefresh] = {}  # by key capacity
+        self.refresh: dict[tuple[int, int], StepRefresh] = {}  # by key capacity and slow-row slots
         # Host staging, copied in one transfer per step.
         self.host = torch.zeros(N_HOST, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied: torch.cuda.Event | None = None
@@ -100,8 +100,11 @@ class StaticDecoder:
     and replayed."""
 
     def __init__(self, model: Transformer, cache: KVCache, memory: SparseMemory | None, graphs: bool,
-                 params: SelectorParams | None = None, dense_layers: int = 0, pad: bool | None = None) -> None:
+                 params: SelectorParams | None = None, dense_layers: int = 0, pad: bool | None = None,
+                 longest: int | None = None) -> None:
         self.model, self.cache, self.memory, self.params = model, cache, memory, params
+        # Keys of the longest row this cache will hold: slow rows attend with the capacity for it (see decode).
+        self.longest = min(longest or cache.max_len, cache.max_len)
         self.dense_layers = min(dense_layers, model.args.n_layers) if memory is not None else 0
         self.graphs = graphs and model.device.type == "cuda"
         self.pad = self.graphs if pad is None else pad  # run every cache row (see the module's docstring)
@@ -143,13 +146,18 @@ class StaticDecoder:
         hkv = self.cache.k.shape[2]
         heads = n * hkv  # the split fits the rows that decode, not the padding
         dense_keys, dense_split = _capacity(max(positions) + 1, heads) if self.dense_layers else (0, 0)
+        # Slow rows attend with the capacity of the longest row the cache holds, whatever their own length: their
+        # blocks past a row's end exit at once (slow steps are a few percent of steps), and a step's graph and
+        # refresh buffers then do not depend on which row is slow. Keyed by the slow row's own length, a
+        # continuous batch of 2k-32k jobs captured a graph (and allocated refresh buffers) for every combination
+        # of batch width, slow-row count and length class.
         if 0 < n_slow < b:  # two launches: the slow rows, then the others (padding included) with their own split
-            slow_keys, slow_split = _capacity(max(keys[:n_slow]), n_slow * hkv)
+            slow_keys, slow_split = _capacity(self.longest, n_slow * hkv)
             max_keys, split = _capacity(max(keys[n_slow:]), max(n - n_slow, 1) * hkv)
             shape = _Shape(b, max_keys, split, n_slow, self.dense_layers, dense_keys, dense_split, slow_keys,
                            slow_split)
         else:
-            max_keys, split = _capacity(max(keys), heads)
+            max_keys, split = _capacity(self.longest if n_slow else max(keys), heads)
             shape = _Shape(b, max_keys, split, n_slow, self.dense_layers, dense_keys, dense_split)
         host = buf.host
         if buf.copied is not None:
@@ -181,9 +189,9 @@ class StaticDecoder:
             buf.dense_meta[3].copy_(dev[2] + 1)
         refresh = None
         if slow:
-            refresh = self._refresh(buf, b, shape.slow_keys or max_keys)
+            refresh = self._refresh(buf, b, shape.slow_keys or max_keys, n_slow)
             refresh.row_meta.copy_(dev[7:10])
-            refresh.meta.copy_(dev[10:15])
+            refresh.meta.copy_(dev[10:15, :refresh.meta.shape[1]])
             refresh = refresh.for_step(len(slow))
         if not self.graphs or probe is not None:
             self.captured = False
@@ -196,14 +204,18 @@ class StaticDecoder:
             graph.replay()
         return logits[:n]
 
-    def _refresh(self, buf: _Buffers, batch: int, max_keys: int) -> StepRefresh:
+    def _refresh(self, buf: _Buffers, batch: int, max_keys: int, n_slow: int) -> StepRefresh:
+        """The refresh buffers for `n_slow` slow rows (sized for the next power of two: a step rarely has more
+        than one or two, and [slots, layers of a group, heads, capacity] float32 logits of every batch row would
+        be gigabytes at 32k)."""
         if self.memory is None or self.params is None:
             raise ValueError("slow rows need a compact memory and Selector parameters")
         capacity = min(max_keys, self.cache.max_len)  # a domain never extends past the cache
-        if capacity not in buf.refresh:
-            buf.refresh[capacity] = StepRefresh(self.cache, self.memory, self.params, batch, capacity,
-                                                self.model.args.n_heads)
-        return buf.refresh[capacity]
+        slots = min(batch, 1 << max(0, n_slow - 1).bit_length())
+        if (capacity, slots) not in buf.refresh:
+            buf.refresh[capacity, slots] = StepRefresh(self.cache, self.memory, self.params, batch, capacity,
+                                                       self.model.args.n_heads, slots)
+        return buf.refresh[capacity, slots]
 
     def _capture(self, buf: _Buffers, shape: _Shape,
                  refresh: StepRefresh | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -140,9 +140,9 @@ def _decode_share(jobs: list[Job], opts: RunOptions, channel, device: str, threa
     except SfiError as e:  # the run's own problem (a model that will not load): no retry can help
         return ("fatal", str(e))
     s = runner.summary
-    return ("done", {k: getattr(s, k) for k in ("model", "device", "load_s", "prefill_s", "decode_s", "decode_steps",
-                                                 "compare_s", "prefill_tokens_computed", "prefill_tokens_reused",
-                                                 "budget", "config")})
+    keys = ("model", "device", "load_s", "prefill_s", "decode_s", "decode_steps", "graph_captures", "capture_s",
+            "oom_retries", "compare_s", "prefill_tokens_computed", "prefill_tokens_reused", "budget", "config")
+    return ("done", {k: getattr(s, k) for k in keys})
 
 
 def _process_main(slot: str, cpu: int, jobs: list[Job], opts: RunOptions, conn: Connection) -> None:
@@ -408,8 +408,8 @@ class Driver(Runner):
             s.model, s.budget, s.config = worker["model"], worker["budget"], worker["config"]
             s.device = self.backend.device(worker["device"])
         self.merged += 1
-        for key in ("load_s", "prefill_s", "decode_s", "decode_steps", "compare_s", "prefill_tokens_computed",
-                    "prefill_tokens_reused"):
+        for key in ("load_s", "prefill_s", "decode_s", "decode_steps", "graph_captures", "capture_s", "oom_retries",
+                    "compare_s", "prefill_tokens_computed", "prefill_tokens_reused"):
             setattr(s, key, getattr(s, key) + worker[key])
 
 

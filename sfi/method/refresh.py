@@ -48,21 +48,23 @@ def group_size(n_layers: int, groups: int = GROUPS) -> int:
 
 
 class StepRefresh:
-    """Buffers, streams and events for the in-step refresh of up to `batch` slow rows with domains of
-    up to `capacity` positions. `row_meta` [3, B] int32 (slot or -1, lo, hi per batch row, lo and hi including
-    the row's base) and `meta` [5, B] int32 (per slot) are filled by the caller before each step."""
+    """Buffers, streams and events for the in-step refresh of up to `slots` (default `batch`) slow rows of a batch
+    of `batch` rows, with domains of up to `capacity` positions. `row_meta` [3, batch] int32 (slot or -1, lo, hi
+    per batch row, lo and hi including the row's base) and `meta` [5, slots] int32 (per slot) are filled by the
+    caller before each step."""
 
     def __init__(self, cache: KVCache, memory: SparseMemory, params: SelectorParams, batch: int, capacity: int,
-                 n_heads: int) -> None:
+                 n_heads: int, slots: int | None = None) -> None:
         self.cache, self.memory, self.params = cache, memory, params
         n_layers, _, hkv, _, _ = cache.k.shape
         self.group = g = group_size(n_layers)
         dev = cache.k.device
         # [2 group buffers, slot, layer of the group, heads, position]: a group's problems are contiguous.
-        self.z = torch.zeros(2, batch, g, n_heads, capacity, dtype=torch.float32, device=dev)
-        self.norms = torch.zeros(2, batch, g, hkv, capacity, dtype=torch.float32, device=dev)
+        slots = batch if slots is None else slots
+        self.z = torch.zeros(2, slots, g, n_heads, capacity, dtype=torch.float32, device=dev)
+        self.norms = torch.zeros(2, slots, g, hkv, capacity, dtype=torch.float32, device=dev)
         self.row_meta = torch.full((3, batch), -1, dtype=torch.int32, device=dev)
-        self.meta = torch.zeros(5, batch, dtype=torch.int32, device=dev)
+        self.meta = torch.zeros(5, slots, dtype=torch.int32, device=dev)
         # Rows of the flattened cache (KVCache.flat) and memory for (group, layer of the group), before adding
         # the cache row times its stride.
         self.flat_k, self.flat_v, self.layer_stride, self.slot_stride = cache.flat()
