@@ -113,6 +113,13 @@ def test_shared_prefixes_are_prefilled_once_with_identical_outputs(ckpt, tmp_pat
     for r in shared.values():
         assert r["prefill_tokens_computed"] + r["prefill_tokens_reused"] == r["prompt_tokens"]
     assert all(r["prefill_tokens_reused"] == 0 for r in plain.values())
+    # Static batches, the document longer than a chunk: its prefill is one call for the whole prompt (layer by layer
+    # on a GPU), after which the followers copy it, as they do from a prefill chunk by chunk.
+    static = _run(ckpt, tmp_path, QUESTIONS, "static", "--set", "decode.prefix_min_tokens=32",
+                  "--set", "decode.continuous=false", "--set", "decode.prefill_chunk=64")
+    assert _texts(static) == _texts(plain)
+    assert sorted(r["prefill_tokens_reused"] for r in static.values()) == \
+        sorted(r["prefill_tokens_reused"] for r in shared.values())
 
 
 def test_last_chunks_share_one_forward(ckpt, tmp_path, monkeypatch):

@@ -258,6 +258,7 @@ class Decoder:
                                          self._refresh())
                     spent += len(p.ids)
                 p.chunks.clear()
+                self.rows[p.row].progress = len(p.ids)  # its followers may copy their prefix now
                 _settle(logits)
                 p.seconds += time.perf_counter() - started
                 done.append(self._first_token(p, logits))
