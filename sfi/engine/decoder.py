@@ -199,6 +199,11 @@ class Decoder:
     def busy(self) -> bool:
         return bool(self.rows)
 
+    @property
+    def decoding(self) -> bool:
+        """Whether some row is past its prefill (a long prefill now would stall it)."""
+        return any(r.decoding for r in self.rows.values())
+
     def fits(self, request: Request) -> bool:
         """Whether the cache has room for `request` now (a pool may not, until a running row leaves)."""
         return self.cache.fits(positions(request))

@@ -308,7 +308,9 @@ class Runner:
                         lost = queue.popleft()     # leaves one so): its error, not a loop that waits forever
                         yield Decoded(lost, [], self._error(lost.job.id, "does not fit the KV cache", lost.job.api))
                         continue
-                    for e in decoder.prefill(d.prefill_chunk if d.continuous and decoder.busy else None):
+                    # While no row decodes (the first wave) nothing can stall: prompts go whole (layer by layer
+                    # on a GPU, one attention call per layer); after that a chunk per decode step.
+                    for e in decoder.prefill(d.prefill_chunk if d.continuous and decoder.decoding else None):
                         self._prefilled(flights[e.row], e, sfi)
                         if e.finished:
                             yield self._finish(lm, flights.pop(e.row), runtime, e.row)
