@@ -70,9 +70,9 @@ def _row(name: str, recipe: str, continuous: bool, s: RunSummary) -> dict[str, A
 
 
 def _isolated(opts: RunOptions) -> RunSummary:
-    """`run(opts)` in a fresh process, as a user runs `sfi run`: each configuration plans with the whole device's
-    memory (in one process a run's freed caches and CUDA-graph pools stay with PyTorch's allocator, and the next run
-    was measured planning narrower batches: a static run after a continuous one held 4.9 rows per step, not 20)."""
+    """`run(opts)` in a fresh process, as a user runs `sfi run`: each configuration starts with the whole device's
+    memory and none of the previous run's caches, CUDA graphs or allocator state (Triton's disk cache of compiled
+    kernels is shared, as it is between nightly runs)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(run, opts).result()
 
