@@ -18,6 +18,7 @@ run_stage() {
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py tests/test_fused_kernels.py \
              tests/test_compact_kernel.py tests/test_selector_kernel.py tests/test_skinny_gemm.py tests/test_topk_positions.py \
              tests/test_static.py ;;
+    capture-smoke) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke ;;
     bench-short) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --json "$OUT/bench-short.json" ;;
     bench-b16) python3 -m sfi_cli.main bench --ctx 8k --batch 16 --new-tokens 256 --json "$OUT/bench-b16.json" ;;
     bench-long) python3 -m sfi_cli.main bench --ctx 128k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-long.json" ;;

@@ -259,6 +259,8 @@ def write_report(path: Path, summary: RunSummary) -> None:
         "timing": {"load_s": round(summary.load_s, 3), "prefill_s": round(summary.prefill_s, 3),
                    "decode_s": round(summary.decode_s, 3), "decode_steps": summary.decode_steps,
                    "graph_captures": summary.graph_captures, "capture_s": round(summary.capture_s, 3),
+                   "capture_warmup_s": round(summary.capture_warmup_s, 3),
+                   "capture_record_s": round(summary.capture_record_s, 3),
                    "oom_retries": summary.oom_retries,
                    "compare_s": round(summary.compare_s, 3),
                    "idle_s": round(summary.idle_s, 3),

@@ -63,6 +63,8 @@ class RunSummary:
     decode_steps: int = 0  # decode steps taken (completion tokens / steps: the mean batch width)
     graph_captures: int = 0  # decode steps that captured a new CUDA graph (a one-time cost each)
     capture_s: float = 0.0  # the time of those steps (part of decode_s)
+    capture_warmup_s: float = 0.0  # of which: the captures' warm-up steps (Triton compilation included)
+    capture_record_s: float = 0.0  # and recording and instantiating the graphs
     oom_retries: int = 0  # batches that ran out of memory and went on with half the rows
     compare_s: float = 0.0  # --compare dense: the dense pass (prefill and decode), kept out of the run's own
     prefill_tokens_computed: int = 0
@@ -290,6 +292,7 @@ class Runner:
         slots, pool = bucket.slots, bucket.pool
         while queue:
             flights: dict[int, _Flight] = {}
+            decoder = None
             try:
                 runtime = self._runtime(lm, slots, sfi)
                 cache = lm.model.new_pool(slots, pool, bucket.max_tokens) if pool else None
@@ -325,7 +328,9 @@ class Runner:
                     self.obs.tokens(len(step.rows))
                     for row in step.finished:
                         yield self._finish(lm, flights.pop(row), runtime, row)
+                self._captures(decoder, sfi)
             except (torch.OutOfMemoryError, MemoryError):
+                self._captures(decoder, sfi)
                 left = [f.prepared for _, f in sorted(flights.items(), key=lambda kv: kv[1].admitted)]
                 del runtime, decoder
                 if lm.model.device.type == "cuda":
@@ -342,6 +347,12 @@ class Runner:
                 if pool:  # half the pool, still room for the longest job
                     pool = max(bucket.max_tokens, pool * half // slots)
                 slots = half
+
+    def _captures(self, decoder, sfi: bool) -> None:
+        """Account where a decoder's graph captures spent their time (the run's own pass only)."""
+        if decoder is not None and sfi:
+            self.summary.capture_warmup_s += decoder.static.capture_warmup_s
+            self.summary.capture_record_s += decoder.static.capture_record_s
 
     @staticmethod
     def _next(queue: deque[Prepared], decoder) -> Prepared | None:

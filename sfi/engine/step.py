@@ -23,6 +23,7 @@ measured on an H200: it made static batches' decode 1.5x slower, their tails run
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,8 @@ class StaticDecoder:
         self._side: torch.cuda.Stream | None = None  # warm-up and capture
         self.captures = 0
         self.captured = False  # the last step captured a new graph (a one-time cost)
+        self.capture_warmup_s = 0.0  # captures' warm-up steps (compilation included)
+        self.capture_record_s = 0.0  # recording and instantiating the graphs
 
     def decode(self, tokens: Sequence[int], rows: Sequence[int], positions: Sequence[int],
                compact_len: Sequence[int], span_start: Sequence[int],
@@ -227,18 +230,22 @@ class StaticDecoder:
             self._side = torch.cuda.Stream()
         side = self._side
         side.wait_stream(torch.cuda.current_stream())
+        started = time.perf_counter()
         with torch.cuda.stream(side):
             self.model.decode(buf.tokens, self.cache, step)
-            # Captured on the same side stream, without `torch.cuda.graph`'s preamble: it synchronises the device
-            # and empties PyTorch's cache of free blocks (and, in some versions, runs the garbage collector) at
-            # every capture. A continuous batch captures a few dozen graphs; on an H200 the captures of a 64-job
-            # mix took 0.3-0.8 s each that way, 16-27 s of its decode time.
+            side.synchronize()  # the warm-up's own time (Triton compilation, lazy initialisation), for the report
+            recorded = time.perf_counter()
+            # Captured on the same side stream, without `torch.cuda.graph`'s preamble (a device sync and emptying
+            # PyTorch's cache of free blocks at every capture). That did not make captures cheap: 0.31-0.50 s each
+            # on an H200 in a 64-job mix either way; `capture_warmup_s` and `capture_record_s` say where it goes.
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(self._pool)
             try:
                 logits = self.model.decode(buf.tokens, self.cache, step)
             finally:
-                graph.capture_end()
+                graph.capture_end()  # and instantiation
         torch.cuda.current_stream().wait_stream(side)
+        self.capture_warmup_s += recorded - started
+        self.capture_record_s += time.perf_counter() - recorded
         self.captures += 1
         return graph, logits

@@ -141,7 +141,8 @@ def _decode_share(jobs: list[Job], opts: RunOptions, channel, device: str, threa
         return ("fatal", str(e))
     s = runner.summary
     keys = ("model", "device", "load_s", "prefill_s", "decode_s", "decode_steps", "graph_captures", "capture_s",
-            "oom_retries", "compare_s", "prefill_tokens_computed", "prefill_tokens_reused", "budget", "config")
+            "capture_warmup_s", "capture_record_s", "oom_retries", "compare_s", "prefill_tokens_computed",
+            "prefill_tokens_reused", "budget", "config")
     return ("done", {k: getattr(s, k) for k in keys})
 
 
@@ -408,8 +409,9 @@ class Driver(Runner):
             s.model, s.budget, s.config = worker["model"], worker["budget"], worker["config"]
             s.device = self.backend.device(worker["device"])
         self.merged += 1
-        for key in ("load_s", "prefill_s", "decode_s", "decode_steps", "graph_captures", "capture_s", "oom_retries",
-                    "compare_s", "prefill_tokens_computed", "prefill_tokens_reused"):
+        for key in ("load_s", "prefill_s", "decode_s", "decode_steps", "graph_captures", "capture_s",
+                    "capture_warmup_s", "capture_record_s", "oom_retries", "compare_s", "prefill_tokens_computed",
+                    "prefill_tokens_reused"):
             setattr(s, key, getattr(s, key) + worker[key])
 
 
