@@ -110,6 +110,7 @@ class StaticDecoder:
         self.graphs = graphs and model.device.type == "cuda"
         self.pad = self.graphs if pad is None else pad  # run every cache row (see the module's docstring)
         self._buffers: dict[int, _Buffers] = {}
+        self._refresh_logits: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graphs: dict[_Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._side: torch.cuda.Stream | None = None  # warm-up and capture
@@ -217,8 +218,11 @@ class StaticDecoder:
         capacity = min(max_keys, self.cache.max_len)  # a domain never extends past the cache
         slots = min(batch, 1 << max(0, n_slow - 1).bit_length())
         if (capacity, slots) not in buf.refresh:
-            buf.refresh[capacity, slots] = StepRefresh(self.cache, self.memory, self.params, batch, capacity,
-                                                       self.model.args.n_heads, slots)
+            shared = self._refresh_logits.get((capacity, slots))  # the same logits buffers for every batch width
+            refresh = StepRefresh(self.cache, self.memory, self.params, batch, capacity, self.model.args.n_heads,
+                                  slots, shared)
+            self._refresh_logits[capacity, slots] = (refresh.z, refresh.norms)
+            buf.refresh[capacity, slots] = refresh
         return buf.refresh[capacity, slots]
 
     def _capture(self, buf: _Buffers, shape: _Shape,

@@ -54,15 +54,19 @@ class StepRefresh:
     caller before each step."""
 
     def __init__(self, cache: KVCache, memory: SparseMemory, params: SelectorParams, batch: int, capacity: int,
-                 n_heads: int, slots: int | None = None) -> None:
+                 n_heads: int, slots: int | None = None,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.cache, self.memory, self.params = cache, memory, params
         n_layers, _, hkv, _, _ = cache.k.shape
         self.group = g = group_size(n_layers)
         dev = cache.k.device
         # [2 group buffers, slot, layer of the group, heads, position]: a group's problems are contiguous.
         slots = batch if slots is None else slots
-        self.z = torch.zeros(2, slots, g, n_heads, capacity, dtype=torch.float32, device=dev)
-        self.norms = torch.zeros(2, slots, g, hkv, capacity, dtype=torch.float32, device=dev)
+        # `buffers` (z, norms) of another StepRefresh of the same slots and capacity may be shared: steps run one
+        # after another and each step's refresh has finished before the next step starts (`finish`).
+        self.z, self.norms = buffers or (
+            torch.zeros(2, slots, g, n_heads, capacity, dtype=torch.float32, device=dev),
+            torch.zeros(2, slots, g, hkv, capacity, dtype=torch.float32, device=dev))
         self.row_meta = torch.full((3, batch), -1, dtype=torch.int32, device=dev)
         self.meta = torch.zeros(5, slots, dtype=torch.int32, device=dev)
         # Rows of the flattened cache (KVCache.flat) and memory for (group, layer of the group), before adding
