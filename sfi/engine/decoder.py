@@ -121,14 +121,14 @@ def _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh) -> t
         return None
 
 
-def positions(request: Request) -> int:
+def cache_positions(request: Request) -> int:
     """Cache positions a request needs: the last sampled token is never written back."""
     return len(request.prompt_ids) + request.stopper.max_new_tokens - 1
 
 
 def cache_length(requests: Sequence[Request]) -> int:
     """Cache positions a batch of rows needs: its longest request's."""
-    return max(positions(r) for r in requests)
+    return max(cache_positions(r) for r in requests)
 
 
 def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[int], chunk: int,
@@ -204,10 +204,6 @@ class Decoder:
         """Whether some row is past its prefill (a long prefill now would stall it)."""
         return any(r.decoding for r in self.rows.values())
 
-    def fits(self, request: Request) -> bool:
-        """Whether the cache has room for `request` now (a pool may not, until a running row leaves)."""
-        return self.cache.fits(positions(request))
-
     def _leave(self, slot: int) -> None:
         del self.rows[slot]
         self.cache.release(slot)
@@ -225,11 +221,11 @@ class Decoder:
         if request.reuse is not None and request.reuse[1] > n - 1:
             raise ValueError(f"a request cannot copy {request.reuse[1]} of its {n} prompt tokens (its last one is "
                              "its own)")
-        if not self.cache.fits(positions(request)):
+        if not self.cache.fits(cache_positions(request)):
             room = f"a pool of {self.cache.max_len - 1}" if self.cache.is_pool else f"rows of {self.cache.max_len}"
             raise ValueError(f"a request of {n} + {request.stopper.max_new_tokens} tokens does not fit the cache "
                              f"({room} positions)")
-        self.cache.place(slot, positions(request))
+        self.cache.place(slot, cache_positions(request))
         self.rows[slot] = _Row(request)
         if self.runtime is not None:
             self.runtime.reset(slot)
