@@ -175,14 +175,15 @@ def workload_table(result: dict, console: Console) -> None:
     table = Table(title=f"sfi bench --workload {result['workload']}: {result['model']} on {result['device']} "
                         f"({result['note']})", title_justify="left")
     for name in ("run", "jobs/hour", "prompt tok/s", "completion tok/s", "load s", "prefill s", "decode s",
-                 "other s", "prefill reused", "KV read"):
+                 "of it captures", "rows/step", "other s", "prefill reused", "KV read"):
         table.add_column(name, justify="right")
     for r in result["runs"]:
         reused = r["prefill_tokens_reused"] / max(r["prefill_tokens_reused"] + r["prefill_tokens_computed"], 1)
         table.add_row(r["name"], f"{r['jobs_per_hour']:,.0f}", f"{r['prompt_tok_s']:,.1f}",
                       f"{r['completion_tok_s']:,.1f}", f"{r['load_s']:.1f}", f"{r['prefill_s']:.1f}",
-                      f"{r['decode_s']:.1f}", f"{r['idle_s']:.1f}", f"{reused:.0%}",
-                      f"{r['kv_read_fraction']:.0%}" if r["kv_read_fraction"] is not None else "-")
+                      f"{r['decode_s']:.1f}", f"{r['capture_s']:.1f} ({r['graph_captures']})",
+                      f"{r['mean_rows_per_step']:.1f}" if r["mean_rows_per_step"] else "-", f"{r['idle_s']:.1f}",
+                      f"{reused:.0%}", f"{r['kv_read_fraction']:.0%}" if r["kv_read_fraction"] is not None else "-")
     console.print(table)
     for name, value in result["ratios"].items():
         console.print(f"{name}: {value:.2f}x", markup=False, highlight=False)

@@ -88,6 +88,17 @@ def test_workload_bench_runs_sfi_and_dense_continuous_and_static(tmp_path):
         assert r["jobs"] == 7 and r["failed"] == 0 and r["completion_tokens"] == want and r["jobs_per_hour"] > 0
         assert r["prefill_tokens_reused"] > 0  # two of the three questions copy the document
         assert r["load_s"] + r["prefill_s"] + r["decode_s"] + r["idle_s"] == pytest.approx(r["elapsed_s"], abs=0.05)
+        assert r["decode_steps"] > 0 and r["mean_rows_per_step"] == pytest.approx(want / r["decode_steps"], abs=0.01)
+        assert r["graph_captures"] == 0 and r["oom_retries"] == 0  # a CPU captures no graphs
+    from io import StringIO
+
+    from rich.console import Console
+
+    from sfi_cli.render import workload_table
+
+    shown = StringIO()
+    workload_table(result, Console(file=shown, width=250))
+    assert "default, continuous batches" in shown.getvalue() and "rows/step" in shown.getvalue()
     assert set(result["ratios"]) == {"default: continuous / static jobs per hour",
                                      "dense: continuous / static jobs per hour",
                                      "default / dense jobs per hour (continuous)"}
