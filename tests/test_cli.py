@@ -201,9 +201,10 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(ckpt, tmp_path, monkey
         return real_decode(self, tokens, cache, step)
 
     monkeypatch.setattr(Transformer, "decode", decode_small_batches_only)
-    out = tmp_path / "out.jsonl"
-    assert main(["run", jobs, "-m", ckpt, "-o", str(out)]) == 0
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "--report", str(report)]) == 0
     assert "out of memory with 5 rows" in capsys.readouterr().err
+    assert json.loads(report.read_text())["timing"]["oom_retries"] == 1  # 5 rows, then 2, which fit
     got = by_id(read_out(out))
     assert {k: v["text"] for k, v in got.items()} == {k: v["text"] for k, v in by_id(read_out(ref)).items()}
 
