@@ -70,11 +70,16 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
     # -- segments (a pool; rows accept whatever fits their length) ------------------------------------------
+    @property
+    def largest_free(self) -> int:
+        """The most positions a slot could be given now."""
+        if not self.is_pool:
+            return self.max_len
+        return max((length for _, length in self._free), default=0)
+
     def fits(self, n: int) -> bool:
         """Whether a slot could be given `n` positions now."""
-        if not self.is_pool:
-            return n <= self.max_len
-        return any(length >= n for _, length in self._free)
+        return max(n, 1) <= self.largest_free
 
     @property
     def free_positions(self) -> int:

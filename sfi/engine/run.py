@@ -166,6 +166,11 @@ class Prepared:
     group: int = -1  # shared-prefix group (scheduler.prefix_groups), -1 for none
     shared: int = 0  # prompt tokens it may copy from another member of its group
 
+    @property
+    def positions(self) -> int:
+        """Cache positions its row takes (decoder.cache_positions of its request)."""
+        return len(self.prompt.ids) + self.prompt.max_new_tokens - 1
+
 
 @dataclass
 class _Flight:
@@ -293,6 +298,7 @@ class Runner:
         while queue:
             flights: dict[int, _Flight] = {}
             decoder = None
+            stuck = -1  # the largest free run at this decoder's last admission that found no queued job fitting
             try:
                 runtime = self._runtime(lm, slots, sfi)
                 cache = lm.model.new_pool(slots, pool, bucket.max_tokens) if pool else None
@@ -301,8 +307,12 @@ class Runner:
                 while queue or decoder.busy:
                     if d.continuous or not decoder.busy:
                         for slot in decoder.free:
-                            p = self._next(queue, decoder)
+                            # Room only grows when a row leaves and the queue only shrinks: what found nothing
+                            # that fits finds nothing until the room is larger (no scan of the queue per step).
+                            room = decoder.cache.largest_free
+                            p = self._next(queue, room) if room > stuck else None
                             if p is None:
+                                stuck = room
                                 break
                             request = self._request(lm, p, self._reuse(p, flights))
                             flights[slot] = _Flight(p, request, time.perf_counter())
@@ -355,11 +365,11 @@ class Runner:
             self.summary.capture_record_s += decoder.static.capture_record_s
 
     @staticmethod
-    def _next(queue: deque[Prepared], decoder) -> Prepared | None:
-        """Take the first queued job the decoder's cache has room for now (a pool may not have it for the queue's
-        head until a longer row leaves: shorter jobs behind it fill the gap meanwhile)."""
+    def _next(queue: deque[Prepared], room: int) -> Prepared | None:
+        """Take the first queued job that fits `room` cache positions (a pool may not have room for the queue's head
+        until a longer row leaves: shorter jobs behind it fill the gap meanwhile)."""
         for i, p in enumerate(queue):
-            if decoder.cache.fits(len(p.prompt.ids) + p.prompt.max_new_tokens - 1):
+            if p.positions <= room:
                 del queue[i]
                 return p
         return None
@@ -470,18 +480,19 @@ class Runner:
             except PromptError as e:
                 self._fail(writer, job.id, f"{job.source}:{job.line}: {e}", job.api)
                 continue
-            sized.append(Sized(p, self._cache_tokens(len(p.prompt.ids) + p.prompt.max_new_tokens)))
+            tokens = p.positions + 1
+            sized.append(Sized(p, tokens + self._memory_tokens(tokens)))
         self.obs.start(len(sized))
         if not sized:
             return
         self._decode_all(lm, sized, writer)
 
-    def _cache_tokens(self, tokens: int) -> int:
-        """KV positions a row costs: its cache, plus its compact memory when SFI will need one."""
+    def _memory_tokens(self, tokens: int) -> int:
+        """KV positions' worth of a row's compact memory: sink + k_head when SFI will need one for `tokens`."""
         cfg = self.cfg.sfi
         budget = cfg.sink + cfg.k_head + cfg.recent
         needs_memory = cfg.mode == "sfi" and (not cfg.dense_within_budget or tokens > budget)
-        return tokens + (cfg.sink + cfg.k_head if needs_memory else 0)
+        return cfg.sink + cfg.k_head if needs_memory else 0
 
     def _decode_all(self, lm: LoadedModel, sized: list[Sized[Prepared]], writer: ResultWriter) -> None:
         from .scheduler import Sized, available_memory, plan_buckets, plan_pool, prefix_groups
@@ -500,8 +511,8 @@ class Runner:
             for it, g, n in zip(sized, groups, shared, strict=True):
                 it.item.group, it.item.shared = g, n
         if d.continuous:  # one pool: every job at its own length (see sfi.engine.scheduler)
-            own = [Sized(it.item, len(it.item.prompt.ids) + it.item.prompt.max_new_tokens) for it in sized]
-            memory = max(self._cache_tokens(it.tokens) - it.tokens for it in own)  # a slot's compact memory
+            own = [Sized(it.item, it.item.positions) for it in sized]
+            memory = max(self._memory_tokens(it.tokens + 1) for it in own)  # a slot's compact memory
             pool, too_big = plan_pool(own, bpt, budget, d.max_batch_size, memory, groups)
             buckets = [pool] if pool is not None else []
         else:
