@@ -84,8 +84,8 @@ def plan_pool(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, max_
     positions = budget // max(bytes_per_token, 1)
     slots = max(1, min(max_batch_size, len(items)))
     longest = max((it.tokens for it in items if it.tokens <= positions - slot_tokens), default=1)
-    while slots > 1 and positions - slots * slot_tokens < longest:
-        slots -= 1
+    if slot_tokens:  # the most slots that still leave the longest item its room
+        slots = max(1, min(slots, (positions - longest) // slot_tokens))
     pool = positions - slots * slot_tokens
     fit = [it for _, it in ordered if it.tokens <= pool]
     too_big = [it for it in items if it.tokens > pool]
