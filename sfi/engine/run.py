@@ -319,7 +319,9 @@ class Runner:
                             decoder.admit(slot, request)
                     if queue and not decoder.busy:  # not even an empty cache holds the next job (a plan never
                         lost = queue.popleft()     # leaves one so): its error, not a loop that waits forever
-                        yield Decoded(lost, [], self._error(lost.job.id, "does not fit the KV cache", lost.job.api))
+                        yield Decoded(lost, [], self._error(
+                            lost.job.id, f"needs {lost.positions:,} KV cache positions; an empty cache here holds "
+                                         f"{decoder.cache.largest_free:,}", lost.job.api))
                         continue
                     # While no row decodes (the first wave) nothing can stall: prompts go whole (layer by layer
                     # on a GPU, one attention call per layer); after that a chunk per decode step.
