@@ -83,9 +83,15 @@ def ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows,
     return decode_attention_ref(q, keys, values, lengths, scale)
 
 
+# Triton compiles a kernel again for every new combination of its integer arguments' "is 1" and "multiple of 16"
+# properties. The split count and the capture buffers' capacity change with a step's shape, so each new CUDA-graph
+# shape compiled new variants (0.3-3 s each on an H200, nearly all of a capture's cost); these arguments only
+# offset addresses by whole rows, so they are left unspecialised and the variants stay few.
+_VARYING = ["stride_pb", "stride_ph", "stride_zs", "stride_zh", "stride_ns", "stride_nh"]
+
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_VARYING)
     def _ranged_decode_kernel(
         q_ptr, kc_ptr, vc_ptr, kk_ptr, vk_ptr, rows_ptr, clen_ptr, sstart_ptr, slen_ptr,
         part_o_ptr, part_lse_ptr,
@@ -166,7 +172,7 @@ if triton is not None:
         tl.store(part_lse_ptr + p_off, lse, mask=gmask)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_split"])
     def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, n_split,
                              D: tl.constexpr, BLOCK_S: tl.constexpr):
         """One (row, head): combine the splits' partial outputs by their log-sum-exp; empty splits carry -inf."""
@@ -273,7 +279,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     _merge_splits_kernel[(b * hq,)](part_o, part_lse, out, lse, n_split, D=d,
-                                    BLOCK_S=min(max(triton.next_power_of_2(n_split), 2), 64), num_warps=4)
+                                    BLOCK_S=16 if n_split <= 16 else 64, num_warps=4)
     return out, lse
 
 

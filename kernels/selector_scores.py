@@ -193,7 +193,7 @@ if triton is not None:
             log_r = log_f
         return log_f, log_r
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["CHUNK", "NS"])
     def _row_lse_kernel(z_ptr, n_ptr, part_m_ptr, part_d_ptr, stride_zp, stride_zh, stride_zr, CHUNK, NS,
                         H: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr):
         ph = tl.program_id(0)
@@ -221,7 +221,7 @@ if triton is not None:
         tl.store(part_m_ptr + off, run_m)
         tl.store(part_d_ptr + off, tl.sum(run_d, axis=1))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "CHUNK", "NS"])
     def _mix_stats_kernel(z_ptr, nrm_ptr, n_ptr, part_m_ptr, part_d_ptr, stats_ptr, lf_ptr, lr_ptr,
                           stride_zp, stride_zh, stride_zr, stride_np, stride_nh, C, CHUNK, NS,
                           alpha, log_rows, gamma, w_l2, w_pos, pos_pow, pos_eta, pos_beta,
@@ -293,7 +293,7 @@ if triton is not None:
         else:
             tl.store(base + 1, big_f)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "CHUNK", "NS"])
     def _fuse_kernel(lf_ptr, lr_ptr, n_ptr, stats_ptr, s_ptr, C, CHUNK, NS, lam_max,
                      H: tl.constexpr, NS_PAD: tl.constexpr, BLOCK: tl.constexpr, USE_PRIOR: tl.constexpr):
         """s [P, H, C] (contiguous; may be lf itself): log((1 - lam) f + lam r) over this chunk, -inf past n."""
@@ -396,7 +396,7 @@ if triton is not None:
             s = s + weight * tl.log(tl.maximum(rho, 1e-12))
         return tl.where(valid, s, float("-inf"))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C"])
     def _nms_excl_kernel(s_ptr, out_ptr, n_ptr, C, strength, temperature, weight,
                          H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, RADIUS: tl.constexpr,
                          SEG: tl.constexpr, USE_NMS: tl.constexpr, USE_EXCL: tl.constexpr,

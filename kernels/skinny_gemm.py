@@ -31,7 +31,7 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                             K_SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
                             M_PAD: tl.constexpr,
@@ -66,7 +66,7 @@ if triton is not None:
         else:
             tl.store(part_ptr + (pid_k * M_PAD + m[:, None]) * N + n[None, :], acc, mask=out_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _split_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
         m = tl.program_id(0)

@@ -43,7 +43,7 @@ def kept_positions_ref(score: torch.Tensor, kth: torch.Tensor, k: int,
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "K"])
     def _kept_positions_kernel(score_ptr, kth_ptr, above_ptr, out_ptr, C, K, stride_sp, stride_sh, stride_op,
                                stride_oh, H: tl.constexpr, BLOCK: tl.constexpr, HAS_ABOVE: tl.constexpr):
         ph = tl.program_id(0)

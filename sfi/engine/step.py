@@ -23,6 +23,8 @@ measured on an H200: it made static batches' decode 1.5x slower, their tails run
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from ..method.memory import SparseMemory
 from ..method.refresh import StepRefresh
 from ..method.selector import SelectorParams
 from ..model import DecodeStep, Transformer
+
+log = logging.getLogger(__name__)
 
 N_HOST = 17  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 5 slot, base, write position
 
@@ -246,10 +250,17 @@ class StaticDecoder:
             graph.capture_begin(self._pool)
             try:
                 logits = self.model.decode(buf.tokens, self.cache, step)
-            finally:
-                graph.capture_end()  # and instantiation
+            except BaseException:
+                # Out of memory mid-capture (the run retries with fewer rows): end the capture without letting its
+                # own error ("capturing stream has unjoined work") replace the one the caller handles.
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()  # and instantiation
         torch.cuda.current_stream().wait_stream(side)
-        self.capture_warmup_s += recorded - started
-        self.capture_record_s += time.perf_counter() - recorded
+        warmup, record = recorded - started, time.perf_counter() - recorded
+        self.capture_warmup_s += warmup
+        self.capture_record_s += record
         self.captures += 1
+        log.debug("captured %s: warm-up %.3f s, record %.3f s", shape, warmup, record)
         return graph, logits
