@@ -1,7 +1,7 @@
 """One device call's worth of `sfi run` throughput measurements (the continuous-batching issue), as JSON.
 
     python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny]
-        [--skip bootstrap,prefix,profile,mix,overlap,workers,determinism]
+        [--skip bootstrap,prefix,profile,mix,workers,determinism]
 
 0. The bootstrap Selector: the fused kernels (select_fused) against the torch reference on bootstrap-shaped
    logits: picks in common and milliseconds per layer.
@@ -92,8 +92,6 @@ def main() -> None:
     if "mix" not in skip:
         result["mix"] = {"jobs": len(mix), "runs": []}
         workload(tmp, mix, model, result, save)
-    if "overlap" not in skip:
-        result["overlap"] = overlap(tmp, mix, model, save=lambda part: (result.update(overlap=part), save()))
     if "workers" not in skip:
         result["workers"] = workers_vs_plain(tmp, mix[:6] if tiny else mix[:16], model)
         save()
@@ -132,46 +130,6 @@ def shared_prefix(once, ask: list[dict], document_tokens: int, answer: int, prof
     except Exception as exc:  # the profile is a diagnostic: its failure must not cost the measurements
         prefix["profile"] = f"failed: {exc!r}"
     return prefix
-
-
-def overlap(tmp: Path, mix: list[dict], model: str, save) -> dict:
-    """The mix with prefill forwards overlapped with decode steps (`decode.overlap_prefill`) against without, and
-    static batches, in one call: jobs/hour and the time split, and how many jobs' texts equal the non-overlapped
-    continuous run's (greedy; bf16 rows in batches of other widths may drift apart, as continuous and static do)."""
-    from sfi.tools.workload import _isolated, _row
-
-    path = tmp / "mix.jsonl"
-    write_jobs(path, mix)
-    on = ["decode.overlap_prefill=true"]
-    plan = [("warm-up", "default", True, on), ("default, continuous, overlap", "default", True, on),
-            ("default, continuous", "default", True, []), ("default, static", "default", False, []),
-            ("dense, continuous, overlap", "dense", True, on), ("dense, static", "dense", False, [])]
-    part: dict = {"jobs": len(mix), "runs": [], "agreement": {}}
-    texts = {}
-    for name, recipe, continuous, extra in plan:
-        out = tmp / f"overlap-{len(texts)}.jsonl"
-        config = load_config(recipe, [*extra, "generation.ignore_eos=true", f"decode.continuous={continuous}".lower()])
-        s = _isolated(RunOptions(jobs=str(path), output=str(out), model=model, config=config, overwrite=True))
-        texts[name] = {r["id"]: r.get("text") for r in map(json.loads, out.read_text().splitlines())}
-        row = _row(name, recipe, continuous, s) | {"overlap": bool(extra)}
-        print(row, flush=True)
-        if name != "warm-up":
-            part["runs"].append(row)
-        save(part)
-    ref = texts["default, continuous"]
-    for name in ("warm-up", "default, continuous, overlap", "default, static"):
-        part["agreement"][f"{name} vs default, continuous"] = sum(texts[name][k] == ref[k] for k in ref) / len(ref)
-    part["agreement"]["dense, continuous, overlap vs dense, static"] = sum(
-        texts["dense, continuous, overlap"][k] == texts["dense, static"][k] for k in ref) / len(ref)
-    by = {r["name"]: r["jobs_per_hour"] for r in part["runs"]}
-    part["ratios"] = {
-        "default overlap / static": round(by["default, continuous, overlap"] / by["default, static"], 3),
-        "default continuous / static": round(by["default, continuous"] / by["default, static"], 3),
-        "dense overlap / static": round(by["dense, continuous, overlap"] / by["dense, static"], 3),
-        "default / dense (overlap)": round(by["default, continuous, overlap"] / by["dense, continuous, overlap"], 3)}
-    save(part)
-    print(json.dumps({"agreement": part["agreement"], "ratios": part["ratios"]}), flush=True)
-    return part
 
 
 def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None:

@@ -129,9 +129,6 @@ class DecodeConfig:
     # A finished row's slot takes the next job at once, its prompt prefilled prefill_chunk tokens per decode
     # step; false: static batches, each decoded to its last row before the next starts.
     continuous: bool = True
-    # On a GPU, while rows decode, prefill forwards run on a stream of their own alongside the decode steps (one in
-    # flight at a time) instead of between them.
-    overlap_prefill: bool = False
     # Prompts sharing at least this many leading tokens prefill the shared part once (0: never).
     prefix_min_tokens: int = 256
 

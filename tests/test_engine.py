@@ -66,34 +66,6 @@ def test_continuous_batching_equals_decoding_each_job_alone(ckpt, tmp_path, reci
 
 
 @pytest.mark.parametrize("recipe", ["dense", "tiny"])
-def test_prefill_overlapped_with_decode_changes_no_tokens(ckpt, tmp_path, monkeypatch, recipe):
-    """`decode.overlap_prefill`: prefill forwards in flight while decode steps go on, a row's first token taken
-    only once its forward has finished. A CPU finishes a forward when it is launched, so here each is held back for
-    the call after its launch (a decode step runs in between, as on a GPU): the tokens are those of each job alone,
-    shared prefixes (a follower's copy waits for its source's chunk) included."""
-    sfi = ["--set", "sfi.k_head=16", "--set", "sfi.recent=8"] if recipe == "tiny" else []
-    jobs = JOBS + QUESTIONS
-    alone = _run(ckpt, tmp_path, jobs, "alone", "-r", recipe, *sfi, "--set", "decode.max_batch_size=1")
-    collect = Decoder._collect
-    held = []  # forwards seen in flight by a call that did not wait
-
-    def later(self, wait):
-        f = self._inflight
-        if f is not None and not wait and f not in held:
-            held.append(f)
-            return []
-        return collect(self, wait)
-
-    monkeypatch.setattr(Decoder, "_collect", later)
-    overlapped = _run(ckpt, tmp_path, jobs, "overlap", "-r", recipe, *sfi, "--set", "decode.max_batch_size=3",
-                      "--set", "decode.prefill_chunk=16", "--set", "decode.overlap_prefill=true",
-                      "--set", "decode.prefix_min_tokens=32")
-    assert _texts(overlapped) == _texts(alone)
-    assert len(held) > 10  # forwards were in flight across decode steps
-    assert sum(r["prefill_tokens_reused"] for r in overlapped.values()) > 0
-
-
-@pytest.mark.parametrize("recipe", ["dense", "tiny"])
 def test_a_tight_pool_reuses_room_and_changes_no_tokens(ckpt, tmp_path, monkeypatch, recipe):
     """A pool with room for about one and a half of the longest job: jobs wait for room, shorter ones fill the gaps
     meanwhile, segments are reused at other offsets; every job's tokens are still those of the job alone."""

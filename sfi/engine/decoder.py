@@ -10,7 +10,6 @@ call did, so progress, timing and reports need no hooks in the loop.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -142,7 +141,7 @@ def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[
     return Prefilled(logits, captured)
 
 
-@dataclass(eq=False)  # compared by identity (queue removals)
+@dataclass
 class _Prefill:
     """A row's prompt still being prefilled: the chunks left, and where its bootstrap capture goes."""
 
@@ -155,17 +154,6 @@ class _Prefill:
     reused: int = 0
     waits_for: tuple[int, int, _Row] | None = None  # copy n positions from the row in that slot once it has them
     prefilled: Prefilled | None = None
-
-
-@dataclass(eq=False)
-class _Inflight:
-    """A prefill forward launched on the prefill stream and not yet collected."""
-
-    batch: list[_Prefill]
-    spans: list[tuple[int, int, bool]]
-    logits: torch.Tensor
-    done: torch.cuda.Event | None  # None on a CPU: finished when launched
-    launch_s: float  # host time spent launching it
 
 
 @dataclass
@@ -183,18 +171,8 @@ class Decoder:
     `cache` given (a pool whose segments the admitted rows take and give back, sfi.cache)."""
 
     def __init__(self, model: Transformer, slots: int, max_len: int, runtime: SfiRuntime | None = None,
-                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None,
-                 overlap: bool = False) -> None:
+                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None) -> None:
         self.model, self.runtime, self.chunk, self.probe = model, runtime, prefill_chunk, probe
-        # With `overlap`, while rows decode, prefill forwards run on a stream of their own, one in flight at a time,
-        # alongside the decode steps (on a stream of higher priority); a forward's rows take their first token once
-        # it has finished. On a CPU the same bookkeeping runs with every forward finished at once.
-        self.overlap = overlap
-        cuda = model.device.type == "cuda"
-        self._prefill_stream = torch.cuda.Stream(model.device) if overlap and cuda else None
-        self._decode_stream = (torch.cuda.Stream(model.device, priority=torch.cuda.Stream.priority_range()[1])
-                               if overlap and cuda else None)
-        self._inflight: _Inflight | None = None
         self.cache = cache or model.new_cache(slots, max_len)
         if not self.cache.is_pool:
             max_len = self.cache.max_len
@@ -264,25 +242,7 @@ class Decoder:
         """Prefill queued prompts in admission order, up to `budget` tokens (None: all of them). A long prompt
         prefilled whole in one call goes through `prefill_row` (layer by layer on a GPU); the others a chunk per
         forward, prompts whose last chunks fit one chunk's tokens together in the same forward."""
-        done = self._collect(wait=budget is None or not self.overlap)
-        if self._inflight is not None:  # still running alongside the decode steps: one forward in flight at a time
-            return done
-        if self.overlap and budget is not None and self.prefills:
-            if self._prefill_stream is not None:  # after what the default stream has been given (admissions)
-                self._prefill_stream.wait_stream(torch.cuda.current_stream(self.model.device))
-            with self._on(self._prefill_stream):
-                started = time.perf_counter()
-                launched = self._launch(budget)
-                if launched is not None:
-                    batch, spans, logits = launched
-                    event = None
-                    if self._prefill_stream is not None:
-                        event = torch.cuda.Event()
-                        event.record(self._prefill_stream)
-                        for q in batch:  # made on the default stream, read on this one
-                            q.ids.record_stream(self._prefill_stream)
-                    self._inflight = _Inflight(batch, spans, logits, event, time.perf_counter() - started)
-            return done + self._collect(wait=False)  # on a CPU: at once
+        done: list[PrefillDone] = []
         spent = 0
         waiting: list[_Prefill] = []  # followers whose prefix is not in their source row yet
         while self.prefills and (budget is None or spent < budget):
@@ -304,71 +264,28 @@ class Decoder:
                 p.seconds += time.perf_counter() - started
                 done.append(self._first_token(p, logits))
                 continue
-            self.prefills.appendleft(p)
-            batch, spans, logits = self._launch(None if budget is None else budget - spent, first=p)
+            # The next chunk of this prompt, and with its last chunk the last (or only) chunks of the prompts queued
+            # behind it, as many as fit one chunk's tokens: one forward for all of them (sfi.model.prefill_rows).
+            n = p.chunks[0][1] - p.chunks[0][0]
+            room = self.chunk if budget is None else min(self.chunk, budget - spent)
+            batch = [p] + (self._companions(room - n) if len(p.chunks) == 1 else [])
+            spans = [q.chunks.popleft() for q in batch]
+            steps = [PrefillStep(q.row, a, b - a, q.bootstrap if last else None, self._refresh() if last else None)
+                     for q, (a, b, last) in zip(batch, spans, strict=True)]
+            logits = self.model.prefill_rows([q.ids[a:b] for q, (a, b, _) in zip(batch, spans, strict=True)],
+                                             self.cache, steps)
             _settle(logits)
-            spent += sum(b - a for a, b, _ in spans)
-            done += self._finish_forward(batch, spans, logits, time.perf_counter() - started)
+            elapsed, tokens = time.perf_counter() - started, sum(b - a for a, b, _ in spans)
+            spent += tokens
+            for q, (a, b, _), last_logits in zip(batch, spans, logits, strict=True):
+                q.seconds += elapsed * (b - a) / tokens  # the forward's time, shared by tokens
+                self.rows[q.row].progress = b
+                if q.chunks:  # first come, first finished: the same prompt goes on while the budget lasts
+                    self.prefills.appendleft(q)
+                else:
+                    done.append(self._first_token(q, last_logits))
         self.prefills.extendleft(reversed(waiting))
         return done
-
-    def _launch(self, budget: int | None, first: _Prefill | None = None
-                ) -> tuple[list[_Prefill], list[tuple[int, int, bool]], torch.Tensor] | None:
-        """One forward (sfi.model.prefill_rows) of at most `budget` tokens: the next chunk of the queue's first
-        prompt whose prefix is ready (`first`: the queue's head, already checked), and with its last chunk the last
-        (or only) chunks of the prompts queued behind it, as many as fit one chunk's tokens. Marks the rows'
-        progress (a follower's copy of the prefix is ordered after it on the same stream). None: nothing ready."""
-        p = first
-        if p is None:
-            for q in list(self.prefills):
-                if q.prefilled is None and (q.waits_for is None or self._copy_prefix(q)):
-                    p = q
-                    break
-            if p is None:
-                return None
-        self.prefills.remove(p)
-        n = p.chunks[0][1] - p.chunks[0][0]
-        room = self.chunk if budget is None else min(self.chunk, budget)
-        batch = [p] + (self._companions(room - n) if len(p.chunks) == 1 else [])
-        spans = [q.chunks.popleft() for q in batch]
-        steps = [PrefillStep(q.row, a, b - a, q.bootstrap if last else None, self._refresh() if last else None)
-                 for q, (a, b, last) in zip(batch, spans, strict=True)]
-        logits = self.model.prefill_rows([q.ids[a:b] for q, (a, b, _) in zip(batch, spans, strict=True)],
-                                         self.cache, steps)
-        for q, (_, b, _) in zip(batch, spans, strict=True):
-            self.rows[q.row].progress = b
-            if q.chunks:  # first come, first finished: the same prompt goes on next
-                self.prefills.appendleft(q)
-        return batch, spans, logits
-
-    def _finish_forward(self, batch: list[_Prefill], spans: list[tuple[int, int, bool]], logits: torch.Tensor,
-                        elapsed: float) -> list[PrefillDone]:
-        """Account a finished forward's time to its rows (shared by tokens); rows whose last chunk it was take
-        their first token."""
-        tokens = sum(b - a for a, b, _ in spans)
-        done = []
-        for q, (a, b, _), last_logits in zip(batch, spans, logits, strict=True):
-            q.seconds += elapsed * (b - a) / tokens
-            if not q.chunks:
-                done.append(self._first_token(q, last_logits))
-        return done
-
-    def _collect(self, wait: bool) -> list[PrefillDone]:
-        """The in-flight forward's rows, if it has finished (or, with `wait`, once it has). Its time is what the
-        loop spent on it: launching it and waiting for it; the rest ran alongside decode steps."""
-        f = self._inflight
-        if f is None or (f.done is not None and not wait and not f.done.query()):
-            return []
-        started = time.perf_counter()
-        if f.done is not None:
-            f.done.synchronize()
-            torch.cuda.current_stream(self.model.device).wait_event(f.done)
-        self._inflight = None
-        return self._finish_forward(f.batch, f.spans, f.logits, f.launch_s + time.perf_counter() - started)
-
-    @staticmethod
-    def _on(stream: torch.cuda.Stream | None):
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _companions(self, room: int) -> list[_Prefill]:
         """Queued prompts, in queue order, whose one remaining chunk fits `room` tokens together (a follower
@@ -432,16 +349,9 @@ class Decoder:
     # -- decode ---------------------------------------------------------------------------------------
     def step(self) -> StepDone | None:
         """One decode step for every row that is decoding (None when none is)."""
-        if not any(r.decoding for r in self.rows.values()):
-            return None
-        if self._decode_stream is None:
-            return self._step()
-        self._decode_stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(self._decode_stream):
-            return self._step()
-
-    def _step(self) -> StepDone:
         active = [s for s, r in self.rows.items() if r.decoding]
+        if not active:
+            return None
         started = time.perf_counter()
         rt = self.runtime
         lengths = {s: self.rows[s].length for s in active}

@@ -303,7 +303,7 @@ class Runner:
                 runtime = self._runtime(lm, slots, sfi)
                 cache = lm.model.new_pool(slots, pool, bucket.max_tokens) if pool else None
                 decoder = Decoder(lm.model, slots, bucket.max_tokens, runtime, d.prefill_chunk, d.cuda_graphs,
-                                  cache=cache, overlap=d.continuous and d.overlap_prefill)
+                                  cache=cache)
                 while queue or decoder.busy:
                     if d.continuous or not decoder.busy:
                         for slot in decoder.free:
@@ -342,8 +342,6 @@ class Runner:
                         yield self._finish(lm, flights.pop(row), runtime, row)
                 self._captures(decoder, sfi)
             except (torch.OutOfMemoryError, MemoryError):
-                if lm.model.device.type == "cuda":
-                    torch.cuda.synchronize()  # a prefill forward may still run on its own stream
                 self._captures(decoder, sfi)
                 left = [f.prepared for _, f in sorted(flights.items(), key=lambda kv: kv[1].admitted)]
                 del runtime, decoder
