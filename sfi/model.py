@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from sfi_kernels import (
     add_rms_norm,
@@ -187,6 +186,15 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def causal_lower_right(queries: int, keys: int):
+    """SDPA's causal mask aligned to the bottom right, imported when first needed: its module imports
+    torch._dynamo, 1.5 s of every run's start otherwise (a CPU's later prefill chunks and the expanded GPU fallback
+    use it; a GPU's grouped flash path does not)."""
+    from torch.nn.attention.bias import causal_lower_right as bias
+
+    return bias(queries, keys)
+
+
 def _expanded_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """SDPA with K/V repeated per query head and a bottom-right causal mask (the fallback: one copy of the keys
     per query head)."""
@@ -328,13 +336,18 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        # Built on the meta device and loaded (sfi.loader.build_model). Meta tensors' random initialisation and arange
+        # import torch._dynamo (1.6 s of every run's start): the embedding is given its (empty) weight, and the rotary
+        # frequencies are computed on the CPU.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size,
+                                           _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_eps)
         self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        inv_freq, self.rope_scale = inv_freq_for(args.rope, args.head_dim, args.max_position_embeddings)
+        with torch.device("cpu"):
+            inv_freq, self.rope_scale = inv_freq_for(args.rope, args.head_dim, args.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
