@@ -306,10 +306,10 @@ def test_time_split_and_rates_in_the_report(ckpt, tmp_path):
     report = tmp_path / "r.json"
     assert main(["run", str(path), "-m", ckpt, "-o", str(tmp_path / "o.jsonl"), "-q", "--report", str(report)]) == 0
     t = json.loads(report.read_text())["timing"]
-    assert t["prefill_s"] > 0 and t["decode_s"] > 0 and t["idle_s"] >= 0
-    assert t["load_s"] + t["prefill_s"] + t["decode_s"] + t["idle_s"] == pytest.approx(t["elapsed_s"], abs=0.01)
-    assert t["jobs_per_hour"] == pytest.approx(len(JOBS) * 3600 / t["elapsed_s"], rel=0.01)
-    assert t["end_to_end_tok_s"] > 0
+    assert t["prefill_s"] > 0 and t["decode_s"] > 0 and t["idle_s"] >= 0, t
+    assert t["load_s"] + t["prefill_s"] + t["decode_s"] + t["idle_s"] == pytest.approx(t["elapsed_s"], abs=0.01), t
+    assert t["jobs_per_hour"] == pytest.approx(len(JOBS) * 3600 / t["elapsed_s"], rel=0.01), t
+    assert t["end_to_end_tok_s"] > 0, t
 
 
 def test_gpu_memory_held_unused_by_pytorch_counts_as_available(monkeypatch):
