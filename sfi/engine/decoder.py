@@ -178,7 +178,6 @@ class Decoder:
         # With `mixed`, while rows decode, each decode step also carries the next prefill chunk (Transformer.mixed:
         # one forward, one read of the weights for both), and the step's event names the prompts it finished.
         self.mixed = mixed
-        self._budget = prefill_chunk
         self.cache = cache or model.new_cache(slots, max_len)
         if not self.cache.is_pool:
             max_len = self.cache.max_len
@@ -250,7 +249,6 @@ class Decoder:
         forward, prompts whose last chunks fit one chunk's tokens together in the same forward."""
         done: list[PrefillDone] = []
         if self.mixed and budget is not None and self.decoding:  # the decode steps carry the chunks
-            self._budget = budget
             return done
         spent = 0
         waiting: list[_Prefill] = []  # followers whose prefix is not in their source row yet
@@ -396,7 +394,7 @@ class Decoder:
         carried, prefilled = None, []  # the prefill chunks this step carries (mixed), the prompts they finished
         p = self._ready() if self.mixed and self.prefills else None
         if p is not None:
-            carried = self._forward_of(p, min(self.chunk, self._budget))
+            carried = self._forward_of(p, self.chunk)
         logits = self.static.decode([self.rows[s].last for s in active], active, [lengths[s] for s in active],
                                     clen, start, slow, probe=self.probe,
                                     prefill=carried[2:] if carried is not None else None)
