@@ -1,14 +1,13 @@
 """One device call's worth of `sfi run` throughput measurements (the continuous-batching issue), as JSON.
 
     python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny]
-        [--skip bootstrap,prefix,profile,mix,mixed,workers,determinism]
+        [--skip bootstrap,prefix,profile,mix,workers,determinism]
 
 0. The bootstrap Selector: the fused kernels (select_fused) against the torch reference on bootstrap-shaped
    logits: picks in common and milliseconds per layer.
 1. Shared prefixes: one 32k-token document asked 1 question, then 8 questions (with and without prefix reuse),
    the default recipe: prefill seconds and tokens computed/reused, and a profile of the 8-question run.
 2. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches.
-2b. Decode steps carrying prefill chunks (`decode.mixed_steps`) against the plain engine and static batches.
 3. `--gpus 1` against a plain run of the same 16 jobs of the mix (`sfi run` as a subprocess each, its --report).
 4. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
 
@@ -93,8 +92,6 @@ def main() -> None:
     if "mix" not in skip:
         result["mix"] = {"jobs": len(mix), "runs": []}
         workload(tmp, mix, model, result, save)
-    if "mixed" not in skip:
-        result["mixed"] = mixed(tmp, mix, model, save=lambda part: (result.update(mixed=part), save()))
     if "workers" not in skip:
         result["workers"] = workers_vs_plain(tmp, mix[:6] if tiny else mix[:16], model)
         save()
@@ -133,48 +130,6 @@ def shared_prefix(once, ask: list[dict], document_tokens: int, answer: int, prof
     except Exception as exc:  # the profile is a diagnostic: its failure must not cost the measurements
         prefix["profile"] = f"failed: {exc!r}"
     return prefix
-
-
-def mixed(tmp: Path, mix: list[dict], model: str, save) -> dict:
-    """The mix with decode steps carrying prefill chunks (`decode.mixed_steps`, chunks of 512 and 2048 tokens)
-    against prefill chunks between steps, and static batches, in one call: jobs/hour and the time split, and how
-    many jobs' texts equal the plain continuous run's (greedy; bf16 rows computed in batches of other widths may
-    drift apart, as continuous and static runs do)."""
-    from sfi.tools.workload import _isolated, _row
-
-    path = tmp / "mix.jsonl"
-    write_jobs(path, mix)
-    on = ["decode.mixed_steps=true", "decode.prefill_chunk=512"]
-    plan = [("warm-up", "default", True, on), ("default, continuous, mixed 512", "default", True, on),
-            ("default, continuous, mixed 2048", "default", True, ["decode.mixed_steps=true"]),
-            ("default, continuous", "default", True, []), ("default, static", "default", False, []),
-            ("dense, continuous, mixed 512", "dense", True, on), ("dense, static", "dense", False, [])]
-    part: dict = {"jobs": len(mix), "runs": [], "agreement": {}}
-    texts = {}
-    for name, recipe, continuous, extra in plan:
-        out = tmp / f"mixed-{len(texts)}.jsonl"
-        config = load_config(recipe, [*extra, "generation.ignore_eos=true", f"decode.continuous={continuous}".lower()])
-        s = _isolated(RunOptions(jobs=str(path), output=str(out), model=model, config=config, overwrite=True))
-        texts[name] = {r["id"]: r.get("text") for r in map(json.loads, out.read_text().splitlines())}
-        row = _row(name, recipe, continuous, s) | {"overrides": extra}
-        print(row, flush=True)
-        if name != "warm-up":
-            part["runs"].append(row)
-        save(part)
-    ref = texts["default, continuous"]
-    for name in ("default, continuous, mixed 512", "default, continuous, mixed 2048", "default, static"):
-        part["agreement"][f"{name} vs default, continuous"] = sum(texts[name][k] == ref[k] for k in ref) / len(ref)
-    part["agreement"]["dense, continuous, mixed 512 vs dense, static"] = sum(
-        texts["dense, continuous, mixed 512"][k] == texts["dense, static"][k] for k in ref) / len(ref)
-    by = {r["name"]: r["jobs_per_hour"] for r in part["runs"]}
-    part["ratios"] = {f"{name} / static": round(by[name] / by["default, static"], 3)
-                      for name in ("default, continuous, mixed 512", "default, continuous, mixed 2048",
-                                   "default, continuous")}
-    part["ratios"]["dense, continuous, mixed 512 / static"] = round(
-        by["dense, continuous, mixed 512"] / by["dense, static"], 3)
-    save(part)
-    print(json.dumps({"agreement": part["agreement"], "ratios": part["ratios"]}), flush=True)
-    return part
 
 
 def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None:

@@ -129,10 +129,6 @@ class DecodeConfig:
     # A finished row's slot takes the next job at once, its prompt prefilled prefill_chunk tokens per decode
     # step; false: static batches, each decoded to its last row before the next starts.
     continuous: bool = True
-    # While rows decode, each decode step also carries the next prefill chunk (up to prefill_chunk tokens) in one
-    # forward, launched op by op (no CUDA graph): one read of the weights for both, prefill compute-bound and decode
-    # bandwidth-bound. Off until measured on a GPU.
-    mixed_steps: bool = False
     # Prompts sharing at least this many leading tokens prefill the shared part once (0: never).
     prefix_min_tokens: int = 256
 

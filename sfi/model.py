@@ -245,13 +245,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._heads(self.wqkv(x), cos, sin)
-
-    def _heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Projected qkv [B, T, (Hq + 2 Hkv) D] -> q, k, v [B, H, T, D], q/k normed and rotated."""
-        b, t, _ = qkv.shape
+        b, t, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
         q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -262,19 +258,14 @@ class Attention(nn.Module):
                 steps: Sequence[PrefillStep]) -> torch.Tensor:
         """x [1, N, H]: the chunks of `steps`' rows one after the other (N their lengths summed), cos/sin [N, D] at
         their positions. Projections over all N tokens at once; attention row by row, each over its own cache."""
-        return self.wo(self.prefill_heads(self.wqkv(x), cos, sin, cache, steps))
-
-    def prefill_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                      steps: Sequence[PrefillStep]) -> torch.Tensor:
-        """`prefill` from the projected qkv [1, N, .] to the attention output [1, N, Hq * D], before `wo`."""
-        q, k, v = self._heads(qkv, cos, sin)  # q [1, Hq, N, D], k/v [1, Hkv, N, D]
+        q, k, v = self._qkv(x, cos, sin)  # q [1, Hq, N, D], k/v [1, Hkv, N, D]
         outs, first = [], 0
         for step in steps:
             rows = slice(first, first + step.length)
             first += step.length
             outs.append(self._attend_chunk(q[:, :, rows], k[:, :, rows], v[:, :, rows], cache, step))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return out.transpose(1, 2).reshape(1, first, -1)
+        return self.wo(out.transpose(1, 2).reshape(1, first, -1))
 
     def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                       step: PrefillStep) -> torch.Tensor:
@@ -303,21 +294,16 @@ class Attention(nn.Module):
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                step: DecodeStep) -> torch.Tensor:
         b = x.shape[0]
-        out = self.decode_heads(_linear(self.wqkv, x[:, 0]), cos, sin, cache, step)  # [B, Hq, D]
-        return _linear(self.wo, out.reshape(b, 1, -1))
-
-    def decode_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                     step: DecodeStep) -> torch.Tensor:
-        """`decode` from the projected qkv [B, .] to the attention output [B, Hq, D], before `wo`."""
         kc, vc = cache.k[self.layer], cache.v[self.layer]  # [Bc, Hkv, S, D]
         # q/k norm, rotary at each row's position (cos, sin are the whole tables) and the cache write: one
         # launch on a GPU, the kernel's reference on a CPU.
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        q = (decode_qkv if qkv.is_cuda else decode_qkv_ref)(qkv, qn, kn, eps, cos, sin, kc, vc, step.rows,
-                                                             step.positions, self.n_heads, self.n_kv_heads,
-                                                             step.write_at)
-        return attention.decode(self.layer, q, cache, step, self.scale)
+        q = (decode_qkv if x.is_cuda else decode_qkv_ref)(_linear(self.wqkv, x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
+                                                           step.rows, step.positions, self.n_heads, self.n_kv_heads,
+                                                           step.write_at)
+        out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
+        return _linear(self.wo, out.reshape(b, 1, -1))
 
 
 class MLP(nn.Module):
@@ -412,54 +398,23 @@ class Transformer(nn.Module):
         each have a short chunk left (questions after a shared document) cost about one row's launches. Returns
         float32 logits [rows, V] of each row's last position ([sum T_i, V] with all_logits); the same as `prefill`
         row by row."""
-        cos, sin = self._chunk_rope(steps)
+        if len(steps) == 1:
+            s = steps[0]
+            cos, sin = self.rope_cos[s.start:s.start + s.length], self.rope_sin[s.start:s.start + s.length]
+        else:
+            at = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in steps])
+            cos, sin = self.rope_cos[at], self.rope_sin[at]  # [N, D]
         h = self.tok_embeddings((tokens[0] if len(tokens) == 1 else torch.cat(list(tokens)))[None])  # [1, N, H]
         for layer in self.layers:
             h = layer(h, cos, sin, cache, steps)
-        self._bootstraps(cache, steps)
-        if all_logits:
-            return self._head(h[0])
-        return self._head(h[0, self._last_rows(steps)])
-
-    def _chunk_rope(self, steps: Sequence[PrefillStep]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, D] at the positions of `steps`' chunks, one after the other."""
-        if len(steps) == 1:
-            s = steps[0]
-            return self.rope_cos[s.start:s.start + s.length], self.rope_sin[s.start:s.start + s.length]
-        at = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in steps])
-        return self.rope_cos[at], self.rope_sin[at]
-
-    def _bootstraps(self, cache: KVCache, steps: Sequence[PrefillStep]) -> None:
         for s in steps:
             if s.bootstrap is not None:
                 attention.bootstrap(s.queries, cache, s.start + s.length, s.bootstrap, s.refresh,
                                     self.layers[0].attention.scale)
-
-    def _last_rows(self, steps: Sequence[PrefillStep]) -> torch.Tensor:
-        """Index of each chunk's last token among the chunks' tokens one after the other."""
-        return torch.tensor(list(itertools.accumulate(s.length for s in steps)), device=self.device) - 1
-
-    @torch.inference_mode()
-    def mixed(self, chunks: Sequence[torch.Tensor], steps: Sequence[PrefillStep], tokens: torch.Tensor,
-              cache: KVCache, step: DecodeStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill chunks (as `prefill_rows`) and a decode step (as `decode`) in one forward: the projections and the
-        MLP run once over the chunks' N tokens and the step's B rows together (one read of the weights for both),
-        attention separately, each as its own path does it. Returns float32 logits of each chunk's last token
-        [len(steps), V] and of the step's rows [B, V]."""
-        n = sum(s.length for s in steps)
-        cos, sin = self._chunk_rope(steps)
-        h = self.tok_embeddings(torch.cat([*chunks, tokens])[None])  # [1, N + B, H]
-        for block in self.layers:
-            att = block.attention
-            qkv = att.wqkv(block.attention_norm(h))  # [1, N + B, .]
-            heads = att.prefill_heads(qkv[:, :n], cos, sin, cache, steps)  # [1, N, Hq D]
-            rows = att.decode_heads(qkv[0, n:], self.rope_cos, self.rope_sin, cache, step)  # [B, Hq, D]
-            h = h + att.wo(torch.cat((heads[0], rows.flatten(1)))[None])
-            h = h + block.mlp(block.ffn_norm(h))
-        if step.refresh is not None:
-            step.refresh.finish()
-        self._bootstraps(cache, steps)
-        return self._head(h[0, self._last_rows(steps)]), self._head(h[0, n:])
+        if all_logits:
+            return self._head(h[0])
+        last = torch.tensor(list(itertools.accumulate(s.length for s in steps)), device=self.device) - 1
+        return self._head(h[0, last])
 
     @torch.inference_mode()
     def prefill_layer_major(self, tokens: torch.Tensor, cache: KVCache, row: int, chunk: int,

@@ -66,31 +66,6 @@ def test_continuous_batching_equals_decoding_each_job_alone(ckpt, tmp_path, reci
 
 
 @pytest.mark.parametrize("recipe", ["dense", "tiny"])
-def test_decode_steps_carrying_prefill_chunks_change_no_tokens(ckpt, tmp_path, monkeypatch, recipe):
-    """`decode.mixed_steps`: while rows decode, each step also carries the next prefill chunk in one forward; shared
-    prefixes (a follower copies its source's prefix once the chunk that holds it has run) and slow steps included,
-    every job's tokens are those it gets alone."""
-    from sfi.model import Transformer
-
-    sfi = ["--set", "sfi.k_head=16", "--set", "sfi.recent=8"] if recipe == "tiny" else []
-    jobs = JOBS + QUESTIONS
-    alone = _run(ckpt, tmp_path, jobs, "alone", "-r", recipe, *sfi, "--set", "decode.max_batch_size=1")
-    carried = []
-    mixed = Transformer.mixed
-    monkeypatch.setattr(Transformer, "mixed",
-                        lambda self, chunks, steps, tokens, *a: carried.append((len(steps), len(tokens)))
-                        or mixed(self, chunks, steps, tokens, *a))
-    both = _run(ckpt, tmp_path, jobs, "mixed", "-r", recipe, *sfi, "--set", "decode.max_batch_size=3",
-                "--set", "decode.prefill_chunk=16", "--set", "decode.mixed_steps=true",
-                "--set", "decode.prefix_min_tokens=32")
-    assert _texts(both) == _texts(alone)
-    assert len(carried) > 10 and max(b for _, b in carried) > 1  # chunks carried by steps of several rows
-    assert sum(r["prefill_tokens_reused"] for r in both.values()) > 0
-    for r in both.values():
-        assert r["prefill_tokens_computed"] + r["prefill_tokens_reused"] == r["prompt_tokens"]
-
-
-@pytest.mark.parametrize("recipe", ["dense", "tiny"])
 def test_a_tight_pool_reuses_room_and_changes_no_tokens(ckpt, tmp_path, monkeypatch, recipe):
     """A pool with room for about one and a half of the longest job: jobs wait for room, shorter ones fill the gaps
     meanwhile, segments are reused at other offsets; every job's tokens are still those of the job alone."""

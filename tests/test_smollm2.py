@@ -83,8 +83,7 @@ def test_default_model_end_to_end_finds_passkey(tmp_path):
 
 def test_continuous_batching_on_the_default_model(tmp_path):
     """Two slots for five jobs (one document asked three questions, sharing its prefix, and two others), SFI with
-    the default recipe: the same text per job as one job at a time with no prefix reuse, with prefill chunks between
-    decode steps and carried by them."""
+    the default recipe: the same text per job as one job at a time with no prefix reuse."""
     doc = prose(3800, 5)  # about 950 tokens: past the default budget of about 900, so SFI engages
     jobs = [{"id": f"q{i}", "messages": [{"role": "user", "content": doc + f"\n\nQuestion: {q}"}],
              "max_new_tokens": 8 + 3 * i}
@@ -104,7 +103,5 @@ def test_continuous_batching_on_the_default_model(tmp_path):
     alone = run("alone", "decode.max_batch_size=1", "decode.prefix_min_tokens=0")
     both = run("both", "decode.max_batch_size=2")
     assert {k: r["text"] for k, r in both.items()} == {k: r["text"] for k, r in alone.items()}
-    mixed = run("mixed", "decode.max_batch_size=2", "decode.mixed_steps=true")  # steps carrying prefill chunks
-    assert {k: r["text"] for k, r in mixed.items()} == {k: r["text"] for k, r in alone.items()}
     assert sum(r["prefill_tokens_reused"] > 0 for r in both.values()) == 2
     assert sum(r["sfi"]["sparse"] for r in both.values()) >= 3  # SFI engaged on the long prompts

@@ -165,37 +165,3 @@ def test_slow_rows_in_a_launch_of_their_own_change_nothing():
     torch.testing.assert_close(two, one, rtol=0, atol=0)
     torch.testing.assert_close(z_two, z_one, rtol=0, atol=0)
     assert torch.isfinite(z_one[0, :, :63 - sink]).all()  # the slow rows' logits were captured
-
-
-def test_a_step_carrying_prefill_chunks_equals_the_two_forwards(tmp_path):
-    """`Transformer.mixed` (decode.mixed_steps): a decode step of two rows and the prefill chunks of two others in
-    one forward give the logits and the cache the step and the chunks give apart (float32; on a GPU too)."""
-    from sfi.loader import load_model
-    from sfi.model import DecodeStep, PrefillStep
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(str(tiny.make_checkpoint(tmp_path, "qwen3", num_key_value_heads=4)), device=dev, dtype="float32")
-    model = lm.model
-    ids = torch.randint(0, lm.args.vocab_size, (4, 90), generator=torch.Generator().manual_seed(0)).to(dev)
-
-    def run(together: bool):
-        cache = model.new_cache(4, 128)
-        for row, n in ((0, 50), (3, 61), (2, 20)):  # rows 0 and 3 decode; row 2 has a first chunk in already
-            model.prefill(ids[row, :n], cache, PrefillStep(row, 0, n))
-        step = DecodeStep.dense(torch.tensor([3, 0], device=dev), torch.tensor([61, 50], device=dev))
-        tokens = torch.stack((ids[3, 61], ids[0, 50]))
-        chunks, steps = [ids[1, :30], ids[2, 20:47]], [PrefillStep(1, 0, 30), PrefillStep(2, 20, 27)]
-        if together:
-            prefill, decode = model.mixed(chunks, steps, tokens, cache, step)
-        else:
-            prefill, decode = model.prefill_rows(chunks, cache, steps), model.decode(tokens, cache, step)
-        return prefill, decode, cache
-
-    apart, together = run(False), run(True)
-    for a, b in zip(apart[:2], together[:2], strict=True):
-        assert a.shape == b.shape == (2, lm.args.vocab_size)
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    for row, n in ((0, 51), (1, 30), (2, 47), (3, 62)):  # what each row has written (the rest is uninitialised)
-        for t in ("k", "v"):
-            torch.testing.assert_close(getattr(together[2], t)[:, row, :, :n], getattr(apart[2], t)[:, row, :, :n],
-                                       rtol=1e-4, atol=1e-4)

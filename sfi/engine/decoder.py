@@ -69,7 +69,6 @@ class StepDone:
     logprobs: list[float] | None = None  # with forced tokens: log p of each row's token
     captured_graph: bool = False  # this step included capturing a CUDA graph (one-time cost)
     sampled: list[int] | None = None  # with forced tokens: what the sampler picked (greedy: the argmax)
-    prefilled: list[PrefillDone] = field(default_factory=list)  # prompts whose last chunk this step carried
 
 
 def chunk_starts(length: int, chunk: int, last_at_least: int = 1, first: int = 0) -> list[int]:
@@ -142,7 +141,7 @@ def prefill_capture(model: Transformer, cache: KVCache, row: int, ids: Sequence[
     return Prefilled(logits, captured)
 
 
-@dataclass(eq=False)  # compared by identity (queue removals)
+@dataclass
 class _Prefill:
     """A row's prompt still being prefilled: the chunks left, and where its bootstrap capture goes."""
 
@@ -172,12 +171,8 @@ class Decoder:
     `cache` given (a pool whose segments the admitted rows take and give back, sfi.cache)."""
 
     def __init__(self, model: Transformer, slots: int, max_len: int, runtime: SfiRuntime | None = None,
-                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None,
-                 mixed: bool = False) -> None:
+                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None) -> None:
         self.model, self.runtime, self.chunk, self.probe = model, runtime, prefill_chunk, probe
-        # With `mixed`, while rows decode, each decode step also carries the next prefill chunk (Transformer.mixed:
-        # one forward, one read of the weights for both), and the step's event names the prompts it finished.
-        self.mixed = mixed
         self.cache = cache or model.new_cache(slots, max_len)
         if not self.cache.is_pool:
             max_len = self.cache.max_len
@@ -248,8 +243,6 @@ class Decoder:
         prefilled whole in one call goes through `prefill_row` (layer by layer on a GPU); the others a chunk per
         forward, prompts whose last chunks fit one chunk's tokens together in the same forward."""
         done: list[PrefillDone] = []
-        if self.mixed and budget is not None and self.decoding:  # the decode steps carry the chunks
-            return done
         spent = 0
         waiting: list[_Prefill] = []  # followers whose prefix is not in their source row yet
         while self.prefills and (budget is None or spent < budget):
@@ -271,49 +264,28 @@ class Decoder:
                 p.seconds += time.perf_counter() - started
                 done.append(self._first_token(p, logits))
                 continue
-            batch, spans, chunks, steps = self._forward_of(p, self.chunk if budget is None else
-                                                           min(self.chunk, budget - spent))
-            logits = self.model.prefill_rows(chunks, self.cache, steps)
+            # The next chunk of this prompt, and with its last chunk the last (or only) chunks of the prompts queued
+            # behind it, as many as fit one chunk's tokens: one forward for all of them (sfi.model.prefill_rows).
+            n = p.chunks[0][1] - p.chunks[0][0]
+            room = self.chunk if budget is None else min(self.chunk, budget - spent)
+            batch = [p] + (self._companions(room - n) if len(p.chunks) == 1 else [])
+            spans = [q.chunks.popleft() for q in batch]
+            steps = [PrefillStep(q.row, a, b - a, q.bootstrap if last else None, self._refresh() if last else None)
+                     for q, (a, b, last) in zip(batch, spans, strict=True)]
+            logits = self.model.prefill_rows([q.ids[a:b] for q, (a, b, _) in zip(batch, spans, strict=True)],
+                                             self.cache, steps)
             _settle(logits)
-            spent += sum(b - a for a, b, _ in spans)
-            done += self._forwarded(batch, spans, logits, time.perf_counter() - started)
+            elapsed, tokens = time.perf_counter() - started, sum(b - a for a, b, _ in spans)
+            spent += tokens
+            for q, (a, b, _), last_logits in zip(batch, spans, logits, strict=True):
+                q.seconds += elapsed * (b - a) / tokens  # the forward's time, shared by tokens
+                self.rows[q.row].progress = b
+                if q.chunks:  # first come, first finished: the same prompt goes on while the budget lasts
+                    self.prefills.appendleft(q)
+                else:
+                    done.append(self._first_token(q, last_logits))
         self.prefills.extendleft(reversed(waiting))
         return done
-
-    def _forward_of(self, p: _Prefill, room: int) -> tuple[list[_Prefill], list[tuple[int, int, bool]],
-                                                            list[torch.Tensor], list[PrefillStep]]:
-        """The next chunk of `p` (taken out of the queue), and with its last chunk the last (or only) chunks of the
-        prompts queued behind it, as many as fit `room` tokens: one forward for all of them (sfi.model.prefill_rows).
-        Returns the prompts, their spans, their token chunks and PrefillSteps."""
-        n = p.chunks[0][1] - p.chunks[0][0]
-        batch = [p] + (self._companions(room - n) if len(p.chunks) == 1 else [])
-        spans = [q.chunks.popleft() for q in batch]
-        steps = [PrefillStep(q.row, a, b - a, q.bootstrap if last else None, self._refresh() if last else None)
-                 for q, (a, b, last) in zip(batch, spans, strict=True)]
-        return batch, spans, [q.ids[a:b] for q, (a, b, _) in zip(batch, spans, strict=True)], steps
-
-    def _forwarded(self, batch: list[_Prefill], spans: list[tuple[int, int, bool]], logits: torch.Tensor,
-                   seconds: float) -> list[PrefillDone]:
-        """After a forward of `_forward_of`'s chunks: its time shared by their tokens, the rows' progress, prompts
-        with chunks left back at the queue's head (first come, first finished), the others' first tokens."""
-        tokens = sum(b - a for a, b, _ in spans)
-        done = []
-        for q, (a, b, _), last_logits in zip(batch, spans, logits, strict=True):
-            q.seconds += seconds * (b - a) / tokens
-            self.rows[q.row].progress = b
-            if q.chunks:  # only the first can have chunks left
-                self.prefills.appendleft(q)
-            else:
-                done.append(self._first_token(q, last_logits))
-        return done
-
-    def _ready(self) -> _Prefill | None:
-        """The first queued prompt whose prefix is in its row (copied now if its source has it), out of the queue."""
-        for q in list(self.prefills):
-            if q.prefilled is None and (q.waits_for is None or self._copy_prefix(q)):
-                self.prefills.remove(q)
-                return q
-        return None
 
     def _companions(self, room: int) -> list[_Prefill]:
         """Queued prompts, in queue order, whose one remaining chunk fits `room` tokens together (a follower
@@ -391,22 +363,11 @@ class Decoder:
                 c.batch_index = order.index(c.batch_index)
         clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
         slow = [(c.batch_index, c.lo, c.hi) for c in captures]
-        carried, prefilled = None, []  # the prefill chunks this step carries (mixed), the prompts they finished
-        p = self._ready() if self.mixed and self.prefills else None
-        if p is not None:
-            carried = self._forward_of(p, self.chunk)
         logits = self.static.decode([self.rows[s].last for s in active], active, [lengths[s] for s in active],
-                                    clen, start, slow, probe=self.probe,
-                                    prefill=carried[2:] if carried is not None else None)
+                                    clen, start, slow, probe=self.probe)
         requests = [self.rows[s].request for s in active]
         tokens, sampled, logprobs = _choose(logits, requests)
         seconds = time.perf_counter() - started
-        if carried is not None:  # the forward's time shared by its tokens: the chunks' and one per decoding row
-            batch, spans = carried[:2]
-            chunk_tokens = sum(b - a for a, b, _ in spans)
-            share = seconds * chunk_tokens / (chunk_tokens + len(active))
-            prefilled = self._forwarded(batch, spans, self.static.prefill_logits, share)
-            seconds -= share
         if rt is not None:
             rt.record(active, kinds, lengths, seconds)
         finished = []
@@ -420,7 +381,7 @@ class Decoder:
             elif rt is not None:
                 rt.observe(slot, token)
         event = StepDone(self.steps, active, tokens, finished, seconds, kinds, logprobs, self.static.captured,
-                         sampled if any(r.forced for r in requests) else None, prefilled)
+                         sampled if any(r.forced for r in requests) else None)
         self.steps += 1
         return event
 

@@ -303,7 +303,7 @@ class Runner:
                 runtime = self._runtime(lm, slots, sfi)
                 cache = lm.model.new_pool(slots, pool, bucket.max_tokens) if pool else None
                 decoder = Decoder(lm.model, slots, bucket.max_tokens, runtime, d.prefill_chunk, d.cuda_graphs,
-                                  cache=cache, mixed=d.continuous and d.mixed_steps)
+                                  cache=cache)
                 while queue or decoder.busy:
                     if d.continuous or not decoder.busy:
                         for slot in decoder.free:
@@ -332,10 +332,6 @@ class Runner:
                     step = decoder.step()
                     if step is None:
                         continue
-                    for e in step.prefilled:  # prompts whose last chunk the step carried (decode.mixed_steps)
-                        self._prefilled(flights[e.row], e, sfi)
-                        if e.finished:
-                            yield self._finish(lm, flights.pop(e.row), runtime, e.row)
                     if sfi:  # the --compare pass is not part of the run's own throughput
                         self.summary.decode_s += step.seconds
                         self.summary.decode_steps += 1

@@ -37,7 +37,7 @@ from ..cache import KVCache
 from ..method.memory import SparseMemory
 from ..method.refresh import StepRefresh
 from ..method.selector import SelectorParams
-from ..model import DecodeStep, PrefillStep, Transformer
+from ..model import DecodeStep, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +122,22 @@ class StaticDecoder:
         self.captured = False  # the last step captured a new graph (a one-time cost)
         self.capture_warmup_s = 0.0  # captures' warm-up steps (compilation included)
         self.capture_record_s = 0.0  # recording and instantiating the graphs
-        self.prefill_logits: torch.Tensor | None = None  # of the last step's prefill chunks, if it had any
 
     def decode(self, tokens: Sequence[int], rows: Sequence[int], positions: Sequence[int],
                compact_len: Sequence[int], span_start: Sequence[int],
-               slow: Sequence[tuple[int, int, int]] = (), probe=None,
-               prefill: tuple[Sequence[torch.Tensor], Sequence[PrefillStep]] | None = None) -> torch.Tensor:
+               slow: Sequence[tuple[int, int, int]] = (), probe=None) -> torch.Tensor:
         """One step; float32 logits [B, V], valid until the next call. Row b reads compact_len[b] rows of
         its compact memory, then its cache from span_start[b] to positions[b] (inclusive), positions of its own
         (the cache adds the row's base). Each (batch
         index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
         refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
-        layer's attention; such steps are launched op by op. With `prefill` (chunks and their PrefillSteps) the step
-        runs in one forward with those prefill chunks (`Transformer.mixed`), op by op and unpadded; the chunks' last
-        logits are left in `prefill_logits`."""
+        layer's attention; such steps are launched op by op."""
         n, n_slow = len(rows), len(slow)
         if any(i >= n_slow for i, _, _ in slow):
             raise ValueError("slow rows must come first in a step's batch")
         width = min(self.cache.batch, 1 << max(0, n - 1).bit_length())
         base = [self.cache.base[r] for r in rows]
-        if self.pad and n < width and probe is None and prefill is None:
+        if self.pad and n < width and probe is None:
             # A padding row is a free slot at position 0 whose row starts at the view's last position (its own
             # row's last, or a pool's scratch position): it writes and reads that position only, in every layer.
             busy = set(rows)
@@ -206,11 +202,7 @@ class StaticDecoder:
             refresh.row_meta.copy_(dev[7:10])
             refresh.meta.copy_(dev[10:15, :refresh.meta.shape[1]])
             refresh = refresh.for_step(len(slow))
-        if prefill is not None:
-            self.captured = False
-            self.prefill_logits, logits = self.model.mixed(*prefill, buf.tokens, self.cache,
-                                                           buf.step(self.memory, shape, refresh))
-        elif not self.graphs or probe is not None:
+        if not self.graphs or probe is not None:
             self.captured = False
             logits = self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))
         else:
