@@ -31,7 +31,7 @@ def refresh_case(model, ctx: int, cfg: SfiConfig, slots: int = 1) -> StepRefresh
     r.norms.uniform_(0.5, 3)
     lo, hi = cfg.sink, ctx - cfg.recent
     r.meta.copy_(torch.tensor([list(range(slots)), [lo] * slots, [hi - lo] * slots,
-                               [min(cfg.k_head, hi - lo)] * slots], dtype=torch.int32))
+                               [min(cfg.k_head, hi - lo)] * slots, [0] * slots], dtype=torch.int32))
     return r.for_step(slots)
 
 
