@@ -1,7 +1,7 @@
 """One device call's worth of `sfi run` throughput measurements (the continuous-batching issue), as JSON.
 
     python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny]
-        [--skip bootstrap,prefix,profile,mix,workers,determinism]
+        [--skip bootstrap,prefix,profile,mix,workers,determinism,oom]
 
 0. The bootstrap Selector: the fused kernels (select_fused) against the torch reference on bootstrap-shaped
    logits: picks in common and milliseconds per layer.
@@ -10,6 +10,8 @@
 2. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches.
 3. `--gpus 1` against a plain run of the same 16 jobs of the mix (`sfi run` as a subprocess each, its --report).
 4. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
+5. Out of memory on purpose: 16 jobs of the mix with `decode.kv_memory_fraction=1` (the pool takes every free byte,
+   so captures and activations run out): each job once in the output, none failed, the retries counted.
 
 The JSON is rewritten after every run, so a call cut short still brings back what finished. `--tiny` shrinks
 every size so the script can be tried on a CPU with a tiny checkpoint first.
@@ -97,6 +99,9 @@ def main() -> None:
         save()
     if "determinism" not in skip:
         result["determinism"] = determinism(once, mix)
+        save()
+    if "oom" not in skip:
+        result["oom"] = out_of_memory(tmp, mix[:6] if tiny else mix[:16], model)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
 
@@ -239,6 +244,23 @@ def determinism(once, mix: list[dict]) -> dict:
                "identical": sum(alone[k] == together[k] for k in alone)}
     print("determinism", verdict, flush=True)
     return verdict
+
+
+
+def out_of_memory(tmp: Path, jobs: list[dict], model: str) -> dict:
+    """A run whose KV pool leaves nothing for captures and activations: it must split and retry, and lose nothing."""
+    from sfi.tools.workload import _isolated, _row
+
+    path, out = tmp / "oom.jsonl", tmp / "oom.out.jsonl"
+    write_jobs(path, jobs)
+    config = load_config("default", ["generation.ignore_eos=true", "decode.kv_memory_fraction=1"])
+    s = _isolated(RunOptions(jobs=str(path), output=str(out), model=model, config=config, overwrite=True))
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    errors = [r.get("error") for r in map(json.loads, out.read_text().splitlines()) if r.get("error")]
+    row = _row("kv_memory_fraction=1", "default", True, s) | {
+        "each_job_once": sorted(ids) == sorted(j["id"] for j in jobs), "errors": errors[:5]}
+    print(row, flush=True)
+    return row
 
 
 if __name__ == "__main__":

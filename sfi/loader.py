@@ -15,6 +15,7 @@ import pickle
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,16 @@ class LoadedModel:
     eos_ids: frozenset[int]
     max_context: int
     load_s: float
+    loading: Future[None] | None = None  # the weights, while they load in a thread (load_model(wait=False))
+    started: float = 0.0
+
+    def wait(self) -> LoadedModel:
+        """Block until the weights are in (re-raising the loader's error); sets `load_s`."""
+        if self.loading is not None:
+            loading, self.loading = self.loading, None
+            loading.result()
+            self.load_s = time.perf_counter() - self.started
+        return self
 
 
 def resolve_device(device: str) -> torch.device:
@@ -193,10 +204,55 @@ def _target(name: str, args: ModelArgs) -> tuple[str, slice | None] | None:
     raise ModelError(f"unexpected tensor {name!r} in the checkpoint for a {args.family} model")
 
 
-def load_weights(model: Transformer, folder: Path) -> None:
-    """Copy every checkpoint tensor into `model`, checking shapes and that nothing is left unset."""
+STAGING_BYTES = 64 << 20  # each of the two pinned buffers
+
+
+class _Staging:
+    """Host-to-GPU copies through two pinned buffers: the CPU fills one from the file's pages while the GPU copies
+    the other out (a copy from pageable memory waits for each piece in turn)."""
+
+    def __init__(self) -> None:
+        self.buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+        out, data = dest.view(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
+        size = self.buffers[0].numel()
+        for start in range(0, data.numel(), size):
+            n = min(size, data.numel() - start)
+            buf, done = self.buffers[self.turn], self.copied[self.turn]
+            if done is not None:
+                done.synchronize()  # the GPU has read this buffer's last piece
+            buf[:n].copy_(data[start:start + n])
+            out[start:start + n].copy_(buf[:n], non_blocking=True)
+            self.copied[self.turn] = torch.cuda.Event()
+            self.copied[self.turn].record()
+            self.turn ^= 1
+
+    def finish(self) -> None:
+        for done in self.copied:
+            if done is not None:
+                done.synchronize()
+
+
+def load_weights(model: Transformer, folder: Path, staged: bool | None = None) -> None:
+    """Copy every checkpoint tensor into `model`, checking shapes and that nothing is left unset. On a GPU the
+    copies go through pinned buffers (`staged`; None: on a GPU)."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
+    device = next(iter(params.values())).device
+    staging = _Staging() if (device.type == "cuda" if staged is None else staged) else None
+    with torch.cuda.device(device) if staging is not None else contextlib.nullcontext():
+        _copy_weights(model, folder, params, filled, staging)
+    missing = [n for n, p in params.items() if filled[n] < p.numel()]
+    if missing:
+        raise ModelError(f"checkpoint in {folder} lacks weights for: {', '.join(missing[:6])}"
+                         + (" ..." if len(missing) > 6 else ""))
+
+
+def _copy_weights(model: Transformer, folder: Path, params: dict[str, torch.nn.Parameter], filled: dict[str, int],
+                  staging: _Staging | None) -> None:
     for path in _weight_files(folder):
         for name, tensor in _read_tensors(path):
             target = _target(name, model.args)
@@ -207,12 +263,13 @@ def load_weights(model: Transformer, folder: Path) -> None:
             if dest.shape != tensor.shape:
                 raise ModelError(f"tensor {name} in {path} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)} from config.json")
-            dest.copy_(tensor)
+            if staging is not None and dest.dtype == tensor.dtype and dest.is_contiguous():
+                staging.copy(dest, tensor)
+            else:
+                dest.copy_(tensor)
             filled[ours] += tensor.numel()
-    missing = [n for n, p in params.items() if filled[n] < p.numel()]
-    if missing:
-        raise ModelError(f"checkpoint in {folder} lacks weights for: {', '.join(missing[:6])}"
-                         + (" ..." if len(missing) > 6 else ""))
+    if staging is not None:
+        staging.finish()
 
 
 def _eos_ids(folder: Path, config: Any, tokenizer: Any) -> frozenset[int]:
@@ -254,7 +311,9 @@ def load_tokenizer(spec: str | None) -> Any:
 
 
 def load_model(spec: str | None, device: str = "auto", dtype: str = "auto",
-               progress: Callable[[str], None] | None = None) -> LoadedModel:
+               progress: Callable[[str], None] | None = None, wait: bool = True) -> LoadedModel:
+    """The model, its tokenizer and config. With `wait=False` the weights load in a thread: the tokenizer can render
+    prompts meanwhile, and `LoadedModel.wait()` must be called before the model runs."""
     start = time.perf_counter()
     name, folder = resolve_model_dir(spec, progress)
     from transformers import AutoConfig, AutoTokenizer
@@ -265,12 +324,19 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto",
         raise ModelError(f"config.json in {folder} cannot be read: {e}") from None
     args = ModelArgs.from_hf_config(config)
     dev = resolve_device(device)
-    model = build_model(args, dev, resolve_dtype(dtype, dev))
-    load_weights(model, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ModelError(f"tokenizer files in {folder} cannot be read: {e}") from None
-    return LoadedModel(name=name, path=folder, args=args, model=model, tokenizer=tokenizer,
-                       eos_ids=_eos_ids(folder, config, tokenizer), max_context=args.max_position_embeddings,
-                       load_s=time.perf_counter() - start)
+    model = build_model(args, dev, resolve_dtype(dtype, dev))
+    lm = LoadedModel(name=name, path=folder, args=args, model=model, tokenizer=tokenizer,
+                     eos_ids=_eos_ids(folder, config, tokenizer), max_context=args.max_position_embeddings,
+                     load_s=0.0, started=start)
+    if wait:
+        load_weights(model, folder)
+        lm.load_s = time.perf_counter() - start
+    else:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfi-weights")
+        lm.loading = pool.submit(load_weights, model, folder)
+        pool.shutdown(wait=False)
+    return lm

@@ -5,6 +5,7 @@ Errors here are per job (`PromptError`): they become that job's error result, ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,19 +24,38 @@ class Prompt:
 
 
 def render(job: Job, tokenizer: Any) -> list[int]:
-    if job.messages is None:
-        # Raw text gets the tokenizer's own special tokens (e.g. Llama's BOS), as transformers would add.
-        return list(tokenizer(job.prompt, add_special_tokens=True)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise PromptError("the model has no chat template; send a `prompt` instead of `messages`")
-    try:
-        text = tokenizer.apply_chat_template(
-            [dict(m) for m in job.messages], tokenize=False, add_generation_prompt=True, **job.chat_template_kwargs
-        )
-    except Exception as e:  # template errors are jinja's, raised for this job's content
-        raise PromptError(f"chat template failed on these messages: {e}") from None
-    # The template already holds any BOS; adding special tokens again would double it.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """One job's prompt token ids (`render_many` of one job; PromptError when it cannot be rendered)."""
+    out = render_many([job], tokenizer)[0]
+    if isinstance(out, PromptError):
+        raise out
+    return out
+
+
+def render_many(jobs: Sequence[Job], tokenizer: Any) -> list[list[int] | PromptError]:
+    """Each job's prompt token ids, or its PromptError. Chat templates render one job at a time (Python); the
+    texts are then tokenized in two batches, which a fast tokenizer spreads over the CPU's cores (a batch of long
+    documents tokenizes several times faster than one text at a time, with the same ids)."""
+    out: list[list[int] | PromptError] = [PromptError("not rendered")] * len(jobs)
+    raw: list[tuple[int, str]] = []  # raw text gets the tokenizer's own special tokens (e.g. Llama's BOS)
+    templated: list[tuple[int, str]] = []  # the template already holds any BOS: adding it again would double it
+    for i, job in enumerate(jobs):
+        if job.messages is None:
+            raw.append((i, job.prompt))
+        elif not getattr(tokenizer, "chat_template", None):
+            out[i] = PromptError("the model has no chat template; send a `prompt` instead of `messages`")
+        else:
+            try:
+                templated.append((i, tokenizer.apply_chat_template(
+                    [dict(m) for m in job.messages], tokenize=False, add_generation_prompt=True,
+                    **job.chat_template_kwargs)))
+            except Exception as e:  # template errors are jinja's, raised for this job's content
+                out[i] = PromptError(f"chat template failed on these messages: {e}")
+    for texts, special in ((raw, True), (templated, False)):
+        if texts:
+            ids = tokenizer([t for _, t in texts], add_special_tokens=special)["input_ids"]
+            for (i, _), row in zip(texts, ids, strict=True):
+                out[i] = list(row)
+    return out
 
 
 def fit(ids: list[int], max_new_tokens: int, context: int, truncate: str | None) -> Prompt:

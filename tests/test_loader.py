@@ -52,6 +52,18 @@ def test_sharded_and_bin_checkpoints_load_the_same_weights(qwen2_dir, tmp_path):
     torch.testing.assert_close(_logits(load_model(str(binary), device="cpu")), ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging is the GPU's copy path")
+def test_staged_copies_to_a_gpu_load_the_same_weights(qwen2_dir, monkeypatch):
+    from sfi import loader
+
+    plain = load_model(str(qwen2_dir), device="cuda", dtype="float32")
+    monkeypatch.setattr(loader, "STAGING_BYTES", 1000)  # pieces that split tensors, and elements, across buffers
+    staged = load_model(str(qwen2_dir), device="cuda", dtype="float32")
+    loader.load_weights(plain.model, qwen2_dir, staged=False)
+    for (name, a), b in zip(plain.model.named_parameters(), staged.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_pickle_with_code_is_refused(qwen2_dir, tmp_path):
     """A .bin whose pickle would run code is rejected by weights_only loading, with the file named."""
 
@@ -136,3 +148,31 @@ def test_repo_id_resolves_from_a_populated_hf_cache(qwen2_dir, tmp_path, monkeyp
     assert name == "acme/tiny-qwen2" and folder == snapshot
     torch.testing.assert_close(_logits(load_model("acme/tiny-qwen2", device="cpu")),
                                _logits(load_model(str(qwen2_dir), device="cpu")))
+
+
+def test_a_run_whose_weights_fail_writes_nothing(qwen2_dir, tmp_path, capsys):
+    """The weights load in a thread while prompts are tokenized: a checkpoint that fails to load still fails the
+    run before any result (a too-long prompt's error included) reaches the output, and names the file."""
+    from sfi_cli.main import main
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((qwen2_dir / f).read_bytes())
+    data = (qwen2_dir / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "hello there", "max_new_tokens": 2}) + "\n"
+                    + json.dumps({"id": "b", "prompt": tiny.TEXT * 20, "max_new_tokens": 2}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(jobs), "-m", str(folder), "-o", str(out), "-q"]) != 0
+    assert not out.exists() or out.read_text() == ""
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_weights_loaded_in_a_thread_equal_weights_loaded_inline(qwen2_dir):
+    inline = load_model(str(qwen2_dir), device="cpu")
+    threaded = load_model(str(qwen2_dir), device="cpu", wait=False).wait()
+    assert threaded.loading is None and threaded.load_s > 0
+    for (name, a), b in zip(inline.model.named_parameters(), threaded.model.parameters(), strict=True):
+        assert torch.equal(a, b), name

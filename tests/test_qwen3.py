@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from sfi.bench import write_checkpoint
 from sfi.jobs import parse_jobs
 from sfi.method.boundary import vocabulary
-from sfi.prompts import render
+from sfi.prompts import PromptError, render, render_many
 from sfi.qwen3_tokenizer import qwen3_tokenizer_dir
 from sfi_cli.main import main
 
@@ -50,6 +50,26 @@ def test_chat_template_enable_thinking(qwen3):
     thinking = parse_jobs([json.dumps({"id": "b", "messages": [{"role": "user", "content": "Hi"}]}).encode()],
                           "j").jobs[0]
     assert qwen3.decode(render(thinking, qwen3)).endswith("<|im_start|>assistant\n")
+
+
+def test_prompts_tokenized_in_batches_equal_one_at_a_time(qwen3):
+    """`render_many` tokenizes raw and templated texts in batches: the same ids as each alone, and a job whose
+    template fails gets its own error in its own place."""
+    lines = [{"id": "raw", "prompt": "The fox. " * 300 + "Answer:"},
+             {"id": "chat", "messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Why is the sky blue?"}],
+              "chat_template_kwargs": {"enable_thinking": False}},
+             {"id": "bad", "messages": [{"role": "user", "content": "Hi"}],
+              "chat_template_kwargs": {"tools": "not a list"}},
+             {"id": "raw2", "prompt": "短い文です。Ein Satz."}]
+    jobs = parse_jobs([json.dumps(j).encode() for j in lines], "j").jobs
+    out = render_many(jobs, qwen3)
+    assert isinstance(out[2], PromptError) and "chat template" in str(out[2])
+    assert out[0] == qwen3(lines[0]["prompt"], add_special_tokens=True)["input_ids"]
+    assert out[3] == qwen3(lines[3]["prompt"], add_special_tokens=True)["input_ids"]
+    chat = qwen3.apply_chat_template(lines[1]["messages"], tokenize=False, add_generation_prompt=True,
+                                     enable_thinking=False)
+    assert out[1] == qwen3(chat, add_special_tokens=False)["input_ids"] == render(jobs[1], qwen3)
 
 
 def test_a_random_qwen3_checkpoint_runs_like_a_users(tmp_path):

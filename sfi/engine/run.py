@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..config import Config
 from ..errors import JobInputError
 from ..jobs import Job, JobProblem, read_jobs
-from ..prompts import Prompt, PromptError, fit, render
+from ..prompts import Prompt, PromptError, fit, render_many
 from ..results import JobResult, ResultWriter
 
 if TYPE_CHECKING:
@@ -248,12 +248,11 @@ class Runner:
         self._emit(writer, self._error(job_id, message, api))
 
     # -- preparation ----------------------------------------------------------------------------------
-    def _prepare(self, job: Job, lm: LoadedModel) -> Prepared:
+    def _prepare(self, job: Job, ids: list[int], lm: LoadedModel) -> Prepared:
         from ..sampling import SamplingParams
 
         g, p = self.cfg.generation, job.params
         pick = lambda own, default: default if own is None else own  # noqa: E731 - a job's own field wins
-        ids = render(job, lm.tokenizer)
         new = pick(p.max_new_tokens, g.max_new_tokens)
         if g.max_new_tokens_cap:
             new = min(new, g.max_new_tokens_cap)
@@ -467,23 +466,35 @@ class Runner:
         from ..loader import load_model
         from .scheduler import Sized
 
-        lm = load_model(self.opts.model, self.cfg.decode.device, self.cfg.decode.dtype, progress=self.obs.message)
-        s.model, s.load_s, s.device = lm.name, lm.load_s, str(lm.model.device)
-        self.obs.message(f"model {lm.name} ({lm.args.family}, {lm.args.n_layers} layers) on {lm.model.device}, "
-                         f"{str(lm.model.dtype).removeprefix('torch.')}, loaded in {lm.load_s:.1f}s")
+        # The weights load in a thread while the prompts are rendered and tokenized (both take seconds on a
+        # long batch); a prompt's error is written once the model is in, so a checkpoint that fails to load
+        # leaves the output as it was.
+        lm = load_model(self.opts.model, self.cfg.decode.device, self.cfg.decode.dtype, progress=self.obs.message,
+                        wait=False)
         if self.cfg.sfi.mode == "sfi":
             s.budget = self.cfg.sfi.budget_note(lm.max_context)
         self.cfg = dataclasses.replace(self.cfg, sfi=self.cfg.sfi.for_context(lm.max_context))
         s.config = self.cfg.to_dict()
         sized: list[Sized[Prepared]] = []
-        for job in todo:
-            try:
-                p = self._prepare(job, lm)
-            except PromptError as e:
-                self._fail(writer, job.id, f"{job.source}:{job.line}: {e}", job.api)
-                continue
-            tokens = p.positions + 1
-            sized.append(Sized(p, tokens + self._memory_tokens(tokens)))
+        bad: list[tuple[Job, PromptError]] = []
+        try:
+            for job, ids in zip(todo, render_many(todo, lm.tokenizer), strict=True):
+                try:
+                    if isinstance(ids, PromptError):
+                        raise ids
+                    p = self._prepare(job, ids, lm)
+                except PromptError as e:
+                    bad.append((job, e))
+                    continue
+                tokens = p.positions + 1
+                sized.append(Sized(p, tokens + self._memory_tokens(tokens)))
+        finally:
+            lm.wait()
+        s.model, s.load_s, s.device = lm.name, lm.load_s, str(lm.model.device)
+        self.obs.message(f"model {lm.name} ({lm.args.family}, {lm.args.n_layers} layers) on {lm.model.device}, "
+                         f"{str(lm.model.dtype).removeprefix('torch.')}, loaded in {lm.load_s:.1f}s")
+        for job, e in bad:
+            self._fail(writer, job.id, f"{job.source}:{job.line}: {e}", job.api)
         self.obs.start(len(sized))
         if not sized:
             return
