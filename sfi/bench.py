@@ -13,6 +13,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from .config import SfiConfig
 from .engine.decoder import Request, StepDone, generate
 from .loader import build_model
-from .method.boundary import FixedPeriod
+from .method.boundary import BoundaryState, FixedPeriod
 from .method.runtime import SfiRuntime
 from .model import ModelArgs, Transformer
 from .sampling import RowSampler, SamplingParams
@@ -140,6 +141,23 @@ def _requests(model: Transformer, ctx: int, batch: int, new_tokens: int, seed: i
             for p in prompts]
 
 
+@dataclass
+class StaggeredPeriod:
+    """The bench's boundary (random weights write no sentences): a slow step every `period` steps per row, the
+    rows' phases spread evenly over the period, so a batch's slow rows fall on different steps as real text's do.
+    A row's phase is set at its first decode step (admission resets its state), in the order rows first decide."""
+
+    period: int
+    rows: int
+    started: int = 0
+
+    def observe(self, state: BoundaryState, token: int) -> bool:
+        if state.step == 0:
+            state.last_slow = -(self.started * self.period // self.rows)
+            self.started += 1
+        return FixedPeriod(self.period).observe(state, token)
+
+
 def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: SfiConfig | None = None,
                period: int = 24, seed: int = 0, warmup_steps: int = 5, cuda_graphs: bool = True) -> dict[str, Any]:
     """Our decoder on random prompts; `sfi` None is the dense recipe. With SFI, random weights produce no
@@ -149,29 +167,33 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
     runtime = None
     if sfi is not None:
         sfi = sfi.for_context(model.args.max_position_embeddings)
-        runtime = SfiRuntime(sfi, FixedPeriod(period), batch, model.args.kv_bytes_per_token(model.dtype))
-        for row, state in enumerate(runtime.state):
-            state.last_slow = -(row * period // batch)
+        runtime = SfiRuntime(sfi, StaggeredPeriod(period, batch), batch, model.args.kv_bytes_per_token(model.dtype))
     _sync(device)
     t0 = time.perf_counter()
     steps, prefill_s, kinds, captures = [], 0.0, [], 0
     for event in generate(model, requests, prefill_chunk=4096, runtime=runtime, cuda_graphs=cuda_graphs):
         if isinstance(event, StepDone):
             _sync(device)
+            step_kinds = event.kinds or ["slow"] * len(event.rows)
             if event.captured_graph:  # one-time cost of a new step shape, not decode speed
                 captures += 1
             else:
-                steps.append((len(event.rows), event.seconds))
-            kinds += event.kinds or ["slow"] * len(event.rows)
+                steps.append((len(event.rows), event.seconds, "slow" in step_kinds))
+            kinds += step_kinds
         else:
             prefill_s += event.seconds
     total_s = time.perf_counter() - t0
     timed = steps[warmup_steps:]  # the first steps compile kernels
-    seconds = [t for _, t in timed]
-    result = {"tok_s": sum(n for n, _ in timed) / sum(seconds), "step_ms_p50": 1e3 * statistics.median(seconds),
+    seconds = [t for _, t, _ in timed]
+    median_ms = lambda ts: 1e3 * statistics.median(ts) if ts else None  # noqa: E731
+    result = {"tok_s": sum(n for n, _, _ in timed) / sum(seconds), "step_ms_p50": median_ms(seconds),
               "step_ms_p90": 1e3 * sorted(seconds)[int(0.9 * (len(seconds) - 1))], "prefill_s": prefill_s,
               "end_to_end_s": total_s, "slow_fraction": kinds.count("slow") / max(len(kinds), 1),
-              "graph_captures": captures, "timed_steps": len(timed)}
+              "graph_captures": captures, "timed_steps": len(timed),
+              # Steps holding a slow row against steps of fast rows only (the step-time spread SFI pays).
+              "steps_with_slow": sum(slow for _, _, slow in timed) / max(len(timed), 1),
+              "step_ms_with_slow_p50": median_ms([t for _, t, slow in timed if slow]),
+              "step_ms_fast_only_p50": median_ms([t for _, t, slow in timed if not slow])}
     if runtime is not None:
         reports = [runtime.report(r) for r in range(batch)]
         result["attended_fraction"] = statistics.mean(r["attended_fraction"] for r in reports)

@@ -102,3 +102,26 @@ def test_workload_bench_runs_sfi_and_dense_continuous_and_static(tmp_path):
     assert set(result["ratios"]) == {"default: continuous / static jobs per hour",
                                      "dense: continuous / static jobs per hour",
                                      "default / dense jobs per hour (continuous)"}
+
+
+def test_bench_rows_go_slow_on_different_steps():
+    """The bench's slow steps are staggered across rows (as a real batch's sentence boundaries are), also after
+    admission reset each row's state: with 4 rows and a period of 8, about half the steps hold a slow row, never
+    two rows at once, and the step-time split by kind is reported."""
+    import torch
+
+    from sfi.bench import bench_ours, random_model
+    from sfi.config import SfiConfig
+
+    model = random_model("qwen3-tiny", 512, torch.device("cpu"), torch.float32)
+    cfg = SfiConfig(sink=4, k_head=32, recent=16)
+    r = bench_ours(model, 300, 4, 42, cfg, period=8, warmup_steps=1)
+    assert 0.4 <= r["steps_with_slow"] <= 0.6, r
+    assert r["slow_fraction"] == pytest.approx(1 / 8, abs=0.04)
+    assert r["step_ms_with_slow_p50"] > 0 and r["step_ms_fast_only_p50"] > 0
+    from sfi.bench import StaggeredPeriod
+    from sfi.method.boundary import BoundaryState
+
+    boundary, states = StaggeredPeriod(8, 4), [BoundaryState() for _ in range(4)]
+    slow_rows = [sum(boundary.observe(s, 0) for s in states) for _ in range(32)]
+    assert max(slow_rows) == 1 and sum(slow_rows) == 16
