@@ -209,6 +209,57 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(ckpt, tmp_path, monkey
     assert {k: v["text"] for k, v in got.items()} == {k: v["text"] for k, v in by_id(read_out(ref)).items()}
 
 
+def test_out_of_memory_frees_the_failed_attempt_before_the_next(ckpt, tmp_path, monkeypatch):
+    """After running out of memory, the failed attempt's KV pool (most of a GPU's memory) is gone before the next,
+    smaller pool is allocated: otherwise the retry runs out too, and so on down to single jobs that fail."""
+    import gc
+    import weakref
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    real_decode, real_pool = Transformer.decode, Transformer.new_pool
+    pools: list[weakref.ref] = []
+    alive_at_retry: list[int] = []
+
+    def decode_small_batches_only(self, tokens, cache, step):
+        if cache.batch > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_decode(self, tokens, cache, step)
+
+    def new_pool(self, *args):
+        gc.collect()  # only what is still referenced counts
+        alive_at_retry.append(sum(ref() is not None for ref in pools))
+        pool = real_pool(self, *args)
+        pools.append(weakref.ref(pool.k))
+        return pool
+
+    monkeypatch.setattr(Transformer, "decode", decode_small_batches_only)
+    monkeypatch.setattr(Transformer, "new_pool", new_pool)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q"]) == 0
+    assert len(alive_at_retry) == 2 and alive_at_retry == [0, 0]
+    assert len(by_id(read_out(out))) == len(JOBS)
+
+
+def test_a_pool_that_never_fits_fails_each_job_once_and_ends(ckpt, tmp_path, monkeypatch):
+    """Out of memory allocating the cache itself, before any job starts: halving down to one row, then each job
+    fails alone (its own error line) instead of the run retrying forever."""
+    calls = []
+
+    def new_pool(self, *args):
+        calls.append(args)
+        if len(calls) > 50:
+            raise RuntimeError("retrying forever")
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(Transformer, "new_pool", new_pool)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    out = tmp_path / "out.jsonl"
+    assert main(["run", jobs, "-m", ckpt, "-o", str(out), "-q"]) != 0
+    got = by_id(read_out(out))
+    assert set(got) == {j["id"] for j in JOBS}
+    assert all(r["finish_reason"] == "error" and "out of memory" in r["error"] for r in got.values())
+
+
 def test_prompt_longer_than_context_fails_alone_unless_truncated(ckpt, tmp_path):
     long = {"id": "long", "prompt": tiny.TEXT * 12, "max_new_tokens": 4}  # well past the 512-token context
     jobs = write_jobs(tmp_path / "jobs.jsonl", [long, JOBS[0]])

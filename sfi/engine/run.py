@@ -10,6 +10,7 @@ validating the jobs, `--strict`, and a refused output lock answer in well under 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import time
 from collections import deque
@@ -343,21 +344,27 @@ class Runner:
             except (torch.OutOfMemoryError, MemoryError):
                 self._captures(decoder, sfi)
                 left = [f.prepared for _, f in sorted(flights.items(), key=lambda kv: kv[1].admitted)]
-                del runtime, decoder
-                if lm.model.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if slots == 1:
-                    lost = left.pop(0)
-                    yield Decoded(lost, [], self._error(lost.job.id, "out of memory decoding this job alone",
-                                                        lost.job.api))
-                queue.extendleft(reversed(left))
-                half = max(1, slots // 2)
-                self.summary.oom_retries += 1
-                if slots > 1:
-                    self.obs.message(f"out of memory with {slots} rows; retrying with {half} at a time")
-                if pool:  # half the pool, still room for the longest job
-                    pool = max(bucket.max_tokens, pool * half // slots)
-                slots = half
+            else:
+                continue  # the queue is done
+            # Out of memory. This attempt's pool, decoder and graphs go before the next attempt allocates its own
+            # (outside the except block, whose traceback holds the failed step's frames); a retry that allocated
+            # next to them would run out again, down to single jobs failing one by one.
+            runtime = decoder = cache = step = e = None
+            gc.collect()
+            if lm.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if slots == 1:  # the oldest job in flight, or (nothing admitted yet) the one that could not start
+                lost = left.pop(0) if left else queue.popleft()
+                yield Decoded(lost, [], self._error(lost.job.id, "out of memory decoding this job alone",
+                                                    lost.job.api))
+            queue.extendleft(reversed(left))
+            half = max(1, slots // 2)
+            self.summary.oom_retries += 1
+            if slots > 1:
+                self.obs.message(f"out of memory with {slots} rows; retrying with {half} at a time")
+            if pool:  # half the pool, still room for the longest job
+                pool = max(bucket.max_tokens, pool * half // slots)
+            slots = half
 
     def _captures(self, decoder, sfi: bool) -> None:
         """Account where a decoder's graph captures spent their time (the run's own pass only)."""
