@@ -11,7 +11,6 @@ import sys
 import torch
 from gpu_refresh_profile import refresh_case, refresh_ms  # bench/ is the script's folder
 
-from sfi.bench import bench_ours, random_model
 from sfi.config import SfiConfig
 from sfi.engine.decoder import Request, generate
 from sfi.method.boundary import FixedPeriod
@@ -19,6 +18,7 @@ from sfi.method.refresh import StepRefresh
 from sfi.method.runtime import SfiRuntime
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
+from sfi.tools.bench import bench_ours, random_model
 
 
 def decode(model, prompts, new, cfg, **kw):

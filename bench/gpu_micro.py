@@ -157,7 +157,7 @@ def bench_attention(out: dict) -> None:
 
 
 def main() -> None:
-    from sfi.bench import measure_copy_bandwidth
+    from sfi.tools.bench import measure_copy_bandwidth
 
     out = {"device": torch.cuda.get_device_name(), "copy_GBps": measure_copy_bandwidth(DEV) / 1e9, "gemm": [],
            "attention": []}

@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from sfi.bench import random_model
 from sfi.engine.decoder import prefill_row
 from sfi.model import PrefillStep
+from sfi.tools.bench import random_model
 
 
 def timed(fn):

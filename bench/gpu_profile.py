@@ -10,11 +10,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sfi.bench import _requests, random_model
 from sfi.config import SfiConfig
 from sfi.engine.decoder import StepDone, generate
 from sfi.method.boundary import FixedPeriod
 from sfi.method.runtime import SfiRuntime
+from sfi.tools.bench import _requests, random_model
 
 
 def main() -> None:

@@ -12,11 +12,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sfi.bench import random_model
 from sfi.config import SfiConfig
 from sfi.method.memory import SparseMemory
 from sfi.method.refresh import StepRefresh
 from sfi.method.selector import SelectorParams
+from sfi.tools.bench import random_model
 
 
 def refresh_case(model, ctx: int, cfg: SfiConfig, slots: int = 1) -> StepRefresh:

@@ -2,7 +2,7 @@ import traceback
 
 import torch
 
-from sfi.bench import bench_ours, random_model
+from sfi.tools.bench import bench_ours, random_model
 
 m = random_model("qwen3-4b", 131072, torch.device("cuda"), torch.bfloat16)
 try:

@@ -226,15 +226,15 @@ def bench_command(
     quiet: Quiet = False,
 ) -> None:
     """Decode throughput of SFI against dense decoding, transformers.generate and the bandwidth limit."""
-    from sfi.bench import PRESETS, run_bench
+    from sfi.tools.bench import PRESETS, run_bench
 
     from .render import append_csv, bench_table, workload_table, write_json
 
     if write_checkpoint is not None:
         import torch
 
-        from sfi.bench import write_checkpoint as write
         from sfi.qwen3_tokenizer import qwen3_tokenizer_dir
+        from sfi.tools.bench import write_checkpoint as write
 
         if preset not in PRESETS:
             raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}",

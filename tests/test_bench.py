@@ -110,8 +110,8 @@ def test_bench_rows_go_slow_on_different_steps():
     two rows at once, and the step-time split by kind is reported."""
     import torch
 
-    from sfi.bench import bench_ours, random_model
     from sfi.config import SfiConfig
+    from sfi.tools.bench import bench_ours, random_model
 
     model = random_model("qwen3-tiny", 512, torch.device("cpu"), torch.float32)
     cfg = SfiConfig(sink=4, k_head=32, recent=16)
@@ -119,8 +119,8 @@ def test_bench_rows_go_slow_on_different_steps():
     assert 0.4 <= r["steps_with_slow"] <= 0.6, r
     assert r["slow_fraction"] == pytest.approx(1 / 8, abs=0.04)
     assert r["step_ms_with_slow_p50"] > 0 and r["step_ms_fast_only_p50"] > 0
-    from sfi.bench import StaggeredPeriod
     from sfi.method.boundary import BoundaryState
+    from sfi.tools.bench import StaggeredPeriod
 
     boundary, states = StaggeredPeriod(8, 4), [BoundaryState() for _ in range(4)]
     slow_rows = [sum(boundary.observe(s, 0) for s in states) for _ in range(32)]

@@ -9,11 +9,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from sfi.bench import write_checkpoint
 from sfi.jobs import parse_jobs
 from sfi.method.boundary import vocabulary
 from sfi.prompts import PromptError, render, render_many
 from sfi.qwen3_tokenizer import qwen3_tokenizer_dir
+from sfi.tools.bench import write_checkpoint
 from sfi_cli.main import main
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfi.bench import random_model
 from sfi.engine.decoder import Request, generate, prefill_row
 from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
+from sfi.tools.bench import random_model
 from sfi.tools.torch_baseline import PlainDecoder, decode_plain
 
 

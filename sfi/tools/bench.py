@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from .config import SfiConfig
-from .engine.decoder import Request, StepDone, generate
-from .loader import build_model
-from .method.boundary import BoundaryState, FixedPeriod
-from .method.runtime import SfiRuntime
-from .model import ModelArgs, Transformer
-from .sampling import RowSampler, SamplingParams
-from .stopping import StopChecker
+from ..config import SfiConfig
+from ..engine.decoder import Request, StepDone, generate
+from ..loader import build_model
+from ..method.boundary import BoundaryState, FixedPeriod
+from ..method.runtime import SfiRuntime
+from ..model import ModelArgs, Transformer
+from ..sampling import RowSampler, SamplingParams
+from ..stopping import StopChecker
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen3-4B's published config.json (architecture only).
@@ -207,8 +207,8 @@ def bench_torch(model: Transformer, ctx: int, batch: int, new_tokens: int, seed:
                 warmup_steps: int = 5, cuda_graphs: bool = True) -> dict[str, Any]:
     """The plain-PyTorch dense decoder (sfi.tools.torch_baseline) on the same random prompts as `bench_ours`,
     decoding from a cache our prefill filled (prefill is not what it measures)."""
-    from .engine.decoder import prefill_row
-    from .tools.torch_baseline import decode_plain
+    from ..engine.decoder import prefill_row
+    from .torch_baseline import decode_plain
 
     requests = _requests(model, ctx, batch, new_tokens, seed)
     cache = model.new_cache(batch, ctx + new_tokens)
@@ -268,7 +268,7 @@ def check_parity(preset: str, device: torch.device, dtype: torch.dtype) -> dict[
 
 def compare_logits(model: Transformer, hf: Any, n: int = 256) -> dict[str, float]:
     """Relative error and argmax agreement of our prefill logits against a transformers model's."""
-    from .model import PrefillStep
+    from ..model import PrefillStep
 
     ids = torch.randint(0, model.args.vocab_size, (n,), device=model.device)
     got = model.prefill(ids, model.new_cache(1, n), PrefillStep(0, 0, n), all_logits=True)
@@ -280,7 +280,7 @@ def compare_logits(model: Transformer, hf: Any, n: int = 256) -> dict[str, float
 
 def _hf_view(name: str, ours: dict[str, torch.Tensor], args: ModelArgs, hd: int) -> torch.Tensor:
     """Our tensor (or fused slice) behind a Hugging Face parameter name (inverse of the loader's map)."""
-    from .loader import _target
+    from ..loader import _target
 
     target = _target(name, args)
     if target is None:  # tied lm_head
@@ -300,7 +300,7 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
     bandwidth = measure_copy_bandwidth(device)
     lm = None
     if model_spec is not None:
-        from .loader import load_model
+        from ..loader import load_model
 
         lm = load_model(model_spec, device.type, str(dtype).removeprefix("torch."))
         preset = lm.name
