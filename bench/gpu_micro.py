@@ -119,7 +119,8 @@ def bench_gemm(out: dict) -> None:
 def bench_attention(out: dict) -> None:
     hq, hkv, d = 32, 8, 128
     for label, batch, clen, span in (("dense8k", 1, 0, 8192), ("dense8k", 4, 0, 8192), ("fast", 1, 2052, 300),
-                                     ("fast", 4, 2052, 300), ("fast", 16, 2052, 300), ("dense32k", 1, 0, 32768)):
+                                     ("fast", 4, 2052, 300), ("fast", 16, 2052, 300), ("dense32k", 1, 0, 32768),
+                                     ("dense32k", 4, 0, 32768), ("dense128k", 1, 0, 131072)):
         s = max(span, 512)
         kc = [torch.randn(batch, hkv, s, d, device=DEV, dtype=DT) for _ in range(LAYERS)]
         vc = [torch.randn_like(t) for t in kc]
@@ -144,13 +145,21 @@ def bench_attention(out: dict) -> None:
             results.append({"split": split, "block_n": bn, "warps": warps, "stages": stages, "ms": ms,
                             "GBps": nbytes / ms / 1e6})
         default = graph_ms(attns)
+        # bf16 tiles into the tensor cores (native_tiles) against tiles upcast to float32, and how far apart
+        native = graph_ms(functools.partial(attns, native_tiles=True))
+        a, b = (ranged_decode_attention(q, kc[0], vc[0], mk[0], mv[0], *ranges, max_keys=clen + span,
+                                        native_tiles=n)[0].float() for n in (False, True))
+        native_rel = float((a - b).norm() / a.norm())
         results.sort(key=lambda r: r["ms"])
         results = results or [{"ms": default, "split": None, "block_n": None, "warps": None, "stages": None}]
         row = {"case": label, "batch": batch, "keys": clen + span, "default_ms": default,
-               "default_GBps": nbytes / default / 1e6, "best": results[:5]}
+               "default_GBps": nbytes / default / 1e6, "native_ms": native, "native_GBps": nbytes / native / 1e6,
+               "native_rel_diff": native_rel, "best": results[:5]}
         out["attention"].append(row)
         print(f"attn {label:8s} b={batch:2d}: default {default * 1e3 / LAYERS:6.1f} us/layer "
-              f"({row['default_GBps']:5.0f} GB/s), best {results[0]['ms'] * 1e3 / LAYERS:6.1f} us/layer "
+              f"({row['default_GBps']:5.0f} GB/s), native tiles {native * 1e3 / LAYERS:6.1f} us/layer "
+              f"({row['native_GBps']:5.0f} GB/s, rel diff {native_rel:.1e}), "
+              f"best {results[0]['ms'] * 1e3 / LAYERS:6.1f} us/layer "
               f"{ {k: results[0][k] for k in ('split', 'block_n', 'warps', 'stages')} }", flush=True)
         del kc, vc, mk, mv
         torch.cuda.empty_cache()

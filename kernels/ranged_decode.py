@@ -102,7 +102,7 @@ if triton is not None:
         stride_pb, stride_ph, stride_ps,
         stride_zs, stride_zh, stride_ns, stride_nh,
         scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAPTURE: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAPTURE: tl.constexpr, NATIVE: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -119,7 +119,9 @@ if triton is not None:
         gmask = g < G
         # The group's query heads, padded to G_PAD >= 16 rows so both products run on tensor cores.
         q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
-                    other=0.0).to(tl.float32)  # [G_PAD, D]
+                    other=0.0)  # [G_PAD, D]
+        if not NATIVE:
+            q = q.to(tl.float32)
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
@@ -142,8 +144,11 @@ if triton is not None:
             # Masked loads fetch nothing where masked, so each key is read once, from one of the two ranges.
             k = tl.load(kk_ptr + off_c, mask=in_c[:, None], other=0.0) + \
                 tl.load(kc_ptr + off_s, mask=in_s[:, None], other=0.0)
-            k = k.to(tl.float32)  # [BLOCK_N, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N]
+            if NATIVE:  # bf16/fp16 tiles straight into the tensor cores, float32 accumulation
+                s = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK_N]
+            else:
+                k = k.to(tl.float32)  # [BLOCK_N, D]
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             if CAPTURE:  # noqa: SIM102 (a compile-time branch around a run-time one)
                 if slot >= 0:
                     # The Selector's inputs for this row's domain, from the keys already loaded.
@@ -152,8 +157,9 @@ if triton is not None:
                     rel = (pos - cap_lo).to(tl.int64)
                     z_off = slot.to(tl.int64) * stride_zs + (h * G + g).to(tl.int64)[:, None] * stride_zh + rel[None, :]
                     tl.store(z_ptr + z_off, s, mask=gmask[:, None] & cmask[None, :])
+                    kf = k.to(tl.float32)
                     tl.store(nrm_ptr + slot.to(tl.int64) * stride_ns + h * stride_nh + rel,
-                             tl.sqrt(tl.sum(k * k, axis=1)), mask=cmask)
+                             tl.sqrt(tl.sum(kf * kf, axis=1)), mask=cmask)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -161,7 +167,10 @@ if triton is not None:
             alpha = tl.exp(m - m_safe)
             v = tl.load(vk_ptr + off_c, mask=in_c[:, None], other=0.0) + \
                 tl.load(vc_ptr + off_s, mask=in_s[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+            if NATIVE:  # the probabilities rounded to the cache's type, as flash attention does
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
         lse = tl.where(denom > 0, m + tl.log(tl.maximum(denom, 1e-30)), float("-inf"))
@@ -237,9 +246,12 @@ def default_split(max_keys: int, row_heads: int = 8) -> int:
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
                             scale: float | None = None, max_keys: int | None = None,
                             split: int | None = None, block_n: int = 32, num_warps: int = 4,
-                            num_stages: int = 2, capture: LogitCapture | None = None
+                            num_stages: int = 2, capture: LogitCapture | None = None, native_tiles: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync."""
+    """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync.
+    `native_tiles` (bf16/fp16 on a GPU only; off until measured faster there): products on the cache's own type
+    with float32 accumulation, the probabilities rounded to that type before the value product, instead of tiles
+    upcast to float32."""
     _check(q, k_cache, compact_k, rows)
     if capture is not None:
         _check_capture(q, k_cache, capture)
@@ -272,6 +284,8 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         *cap_strides,
         scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 16), D=d, BLOCK_N=block_n,
         CAPTURE=c is not None,
+        # Triton's interpreter multiplies bf16 tiles wrongly (3.9: garbage), so native tiles are a GPU path.
+        NATIVE=native_tiles and q.dtype in (torch.bfloat16, torch.float16) and not _interpreting(),
         # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
         # exact (ieee) products, since tf32 would round their mantissas.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
