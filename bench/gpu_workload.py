@@ -7,7 +7,8 @@
    logits: picks in common and milliseconds per layer.
 1. Shared prefixes: one 32k-token document asked 1 question, then 8 questions (with and without prefix reuse),
    the default recipe: prefill seconds and tokens computed/reused, and a profile of the 8-question run.
-2. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches.
+2. The built-in mix (`sfi bench --workload mix`): default and dense, continuous and static batches, and continuous
+   batches in the old admission order (`decode.order=length`).
 3. `--gpus 1` against a plain run of the same 16 jobs of the mix (`sfi run` as a subprocess each, its --report).
 4. Per-job determinism on this device: a few jobs decoded alone and inside a batch of others, token agreement.
 5. Out of memory on purpose: 16 jobs of the mix with `decode.kv_memory_fraction=1` (the pool takes every free byte,
@@ -152,6 +153,12 @@ def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None
             result["mix"]["runs"] += w["runs"]
             result["device"] = w["device"]
             save()
+    # The admission order's ablation row: continuous batches in the old order (longest prompt + output first).
+    for recipe in ("default", "dense"):
+        w = run_workload(str(path), model, (recipe,), (True,), overrides=("decode.order=length",),
+                         progress=lambda t: print("length order:", t, flush=True))
+        result["mix"]["length_order"] = result["mix"].get("length_order", []) + w["runs"]
+        save()
     by = {(r["recipe"], r["continuous"]): r["jobs_per_hour"] for r in result["mix"]["runs"]}
     result["mix"]["ratios"] = {
         "default continuous / static": round(by[("default", True)] / by[("default", False)], 3),

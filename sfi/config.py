@@ -131,8 +131,13 @@ class DecodeConfig:
     continuous: bool = True
     # Prompts sharing at least this many leading tokens prefill the shared part once (0: never).
     prefix_min_tokens: int = 256
+    # Continuous batching's queue: "output" admits the jobs with the most new tokens first (their long decodes start
+    # early instead of trailing alone at the end), "length" the longest prompt + output first.
+    order: str = "output"
 
     def __post_init__(self) -> None:
+        if self.order not in ("output", "length"):
+            raise ConfigError(f"decode.order must be output or length, got {self.order!r}")
         _at_least("decode.prefill_chunk", self.prefill_chunk, 16)
         _at_least("decode.max_batch_size", self.max_batch_size, 1)
         _at_least("decode.prefix_min_tokens", self.prefix_min_tokens, 0)

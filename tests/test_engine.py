@@ -239,6 +239,37 @@ def test_pool_plan_holds_every_job_at_its_own_length():
     assert [it.item for it in grouped.items] == [1, 2, 0, 3]
 
 
+def test_pool_plan_orders_by_a_rank_groups_together():
+    items = [Sized(0, 500), Sized(1, 300), Sized(2, 400), Sized(3, 200)]
+    out = {0: 4, 1: 40, 2: 6, 3: 10}  # new tokens per item
+    pool, _ = plan_pool(items, 1, 10_000, 4, rank=lambda it: out[it.item])
+    assert [it.item for it in pool.items] == [1, 3, 2, 0]  # most new tokens first
+    grouped, _ = plan_pool(items, 1, 10_000, 4, groups=[5, -1, -1, 5], rank=lambda it: out[it.item])
+    assert [it.item for it in grouped.items] == [1, 0, 3, 2]  # a group at its highest member's place
+
+
+def test_output_order_changes_no_tokens_and_ends_the_batch_sooner(ckpt, tmp_path):
+    """`decode.order=output`: the long decode starts first instead of trailing alone after the long prompts; every
+    job's tokens are the same as in length order (and as alone), in fewer decode steps."""
+    from sfi.config import load_config
+    from sfi.engine import RunOptions, run
+
+    jobs = [{"id": f"long-prompt-{i}", "prompt": TEXT[i * 50: i * 50 + 900], "max_new_tokens": 4} for i in range(6)]
+    jobs.append({"id": "long-output", "prompt": TEXT[:120], "max_new_tokens": 40})
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    steps, texts = {}, {}
+    for order in ("length", "output"):
+        out = tmp_path / f"{order}.jsonl"
+        config = load_config("dense", ["decode.max_batch_size=2", f"decode.order={order}"])
+        s = run(RunOptions(jobs=str(path), output=str(out), model=ckpt, config=config, overwrite=True))
+        assert s.failed == 0
+        steps[order] = s.decode_steps
+        texts[order] = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    assert texts["output"] == texts["length"]
+    assert steps["output"] < steps["length"] - 8, steps
+
+
 def test_pooled_cache_segments_first_fit_and_merge():
     from sfi.cache import KVCache
 

@@ -533,7 +533,9 @@ class Runner:
         if d.continuous:  # one pool: every job at its own length (see sfi.engine.scheduler)
             own = [Sized(it.item, it.item.positions) for it in sized]
             memory = max(self._memory_tokens(it.tokens + 1) for it in own)  # a slot's compact memory
-            pool, too_big = plan_pool(own, bpt, budget, d.max_batch_size, memory, groups)
+            # Ties in output length go to the longer prompt (the plain length order within them).
+            by_output = (lambda it: (it.item.prompt.max_new_tokens << 32) + it.tokens) if d.order == "output" else None
+            pool, too_big = plan_pool(own, bpt, budget, d.max_batch_size, memory, groups, by_output)
             buckets = [pool] if pool is not None else []
         else:
             buckets, too_big = plan_buckets(sized, bpt, budget, d.max_batch_size, groups)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -61,26 +61,30 @@ class Bucket(Generic[T]):
     pool: int = 0
 
 
-def _longest_first(items: Sequence[Sized[T]], groups: Sequence[int]) -> list[tuple[int, Sized[T]]]:
-    """(the tokens it ranks by, item), longest first: a group's members together, at its longest member's place
-    (ranked by that member's tokens)."""
-    group_tokens: dict[int, int] = {}
+def _longest_first(items: Sequence[Sized[T]], groups: Sequence[int],
+                   rank: Callable[[Sized[T]], int] | None = None) -> list[tuple[int, Sized[T]]]:
+    """(what it ranks by, item), highest first: a group's members together, at its highest member's place (ranked
+    by that member). `rank` defaults to the item's tokens."""
+    rank = rank or (lambda it: it.tokens)
+    group_rank: dict[int, int] = {}
     for it, g in zip(items, groups, strict=True):
         if g >= 0:
-            group_tokens[g] = max(group_tokens.get(g, 0), it.tokens)
-    keyed = [(-(group_tokens[g] if g >= 0 else it.tokens), g if g >= 0 else -1 - order, order, it)
+            group_rank[g] = max(group_rank.get(g, 0), rank(it))
+    keyed = [(-(group_rank[g] if g >= 0 else rank(it)), g if g >= 0 else -1 - order, order, it)
              for order, (it, g) in enumerate(zip(items, groups, strict=True))]
     return [(-rank, it) for rank, _, _, it in sorted(keyed, key=lambda k: k[:3])]
 
 
 def plan_pool(items: Sequence[Sized[T]], bytes_per_token: int, budget: int, max_batch_size: int,
-              slot_tokens: int = 0, groups: Sequence[int] | None = None) -> tuple[Bucket[T] | None, list[Sized[T]]]:
+              slot_tokens: int = 0, groups: Sequence[int] | None = None,
+              rank: Callable[[Sized[T]], int] | None = None) -> tuple[Bucket[T] | None, list[Sized[T]]]:
     """(one pooled bucket of every item that fits, too_big): items' `tokens` are the cache positions they take in
     the pool; each slot also costs `slot_tokens` positions' worth outside it (SFI's compact memory). The pool is no
     larger than the items need all at once, and leaves room for at least the longest item; slots are as many as
-    `max_batch_size` and the items allow while it does."""
+    `max_batch_size` and the items allow while it does. The bucket's items are in admission order: highest `rank`
+    first (default: tokens), a shared prefix's group together."""
     groups = list(groups) if groups is not None else [-1] * len(items)
-    ordered = _longest_first(items, groups)
+    ordered = _longest_first(items, groups, rank)
     positions = budget // max(bytes_per_token, 1)
     slots = max(1, min(max_batch_size, len(items)))
     longest = max((it.tokens for it in items if it.tokens <= positions - slot_tokens), default=1)
