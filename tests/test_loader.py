@@ -83,13 +83,18 @@ def test_pickle_with_code_is_refused(qwen2_dir, tmp_path):
         load_model(str(folder), device="cpu")
 
 
-def test_truncated_safetensors_names_the_file(qwen2_dir, tmp_path):
-    folder = tmp_path / "broken"
+def _truncated_copy(src, folder):
+    """The checkpoint's config and tokenizer, and the first half of its weights file."""
     folder.mkdir()
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (folder / f).write_bytes((qwen2_dir / f).read_bytes())
-    data = (qwen2_dir / "model.safetensors").read_bytes()
+        (folder / f).write_bytes((src / f).read_bytes())
+    data = (src / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_truncated_safetensors_names_the_file(qwen2_dir, tmp_path):
+    folder = _truncated_copy(qwen2_dir, tmp_path / "broken")
     with pytest.raises(ModelError, match=r"model\.safetensors.*(corrupt|truncated)"):
         load_model(str(folder), device="cpu")
 
@@ -155,12 +160,7 @@ def test_a_run_whose_weights_fail_writes_nothing(qwen2_dir, tmp_path, capsys):
     run before any result (a too-long prompt's error included) reaches the output, and names the file."""
     from sfi_cli.main import main
 
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (folder / f).write_bytes((qwen2_dir / f).read_bytes())
-    data = (qwen2_dir / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    folder = _truncated_copy(qwen2_dir, tmp_path / "broken")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "prompt": "hello there", "max_new_tokens": 2}) + "\n"
                     + json.dumps({"id": "b", "prompt": tiny.TEXT * 20, "max_new_tokens": 2}) + "\n")
