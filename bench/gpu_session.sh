@@ -20,7 +20,8 @@ run_stage() {
              tests/test_static.py tests/test_loader.py::test_staged_copies_to_a_gpu_load_the_same_weights ;;
     load-profile) python3 bench/gpu_load_profile.py "$OUT/load-profile.json" /root/q4b ;;
     # The GPU-only tests alone (native bf16 tiles, pinned weight copies): seconds instead of the whole kernel stage.
-    tests-gpu-only) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py -k "awkward and True" \
+    tests-gpu-only) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py -k "awkward and True" &&
+                    python3 -m pytest -q -x -p no:cacheprovider \
                       tests/test_loader.py::test_staged_copies_to_a_gpu_load_the_same_weights ;;
     capture-smoke) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke ;;
     capture-q4b) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke-q4b /root/q4b ;;
