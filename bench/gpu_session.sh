@@ -27,6 +27,9 @@ run_stage() {
     capture-q4b) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke-q4b /root/q4b ;;
     bench-short) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --json "$OUT/bench-short.json" ;;
     bench-mid) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-mid.json" ;;
+    # The same points with the ranged kernel's float32-upcast tiles, for an A/B against native tiles.
+    bench-upcast) python3 bench/ab_native.py bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --no-torch \
+                    --json "$OUT/bench-upcast.json" ;;
     bench-b16) python3 -m sfi_cli.main bench --ctx 8k --batch 16 --new-tokens 256 --json "$OUT/bench-b16.json" ;;
     bench-long) python3 -m sfi_cli.main bench --ctx 128k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-long.json" ;;
     # The SmolLM2 GGUF (98 MB) reaches the machine in two calls: `smol-part1` with .carry/a (the first half and
