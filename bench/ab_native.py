@@ -3,6 +3,7 @@ in the same device call. Usage: python3 bench/ab_native.py BENCH-ARGS..."""
 import inspect
 import sys
 
+import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import ranged_decode_attention
 
 params = list(inspect.signature(ranged_decode_attention).parameters.values())
