@@ -1,5 +1,7 @@
 """Where a decode step's GPU time goes: kernel times by name over a few steps (static path, no graphs,
-so the profiler sees every kernel), Qwen3-4B shape, random bf16. Table to stdout, JSON to argv[1]."""
+so the profiler sees every kernel), Qwen3-4B shape, random bf16. Table to stdout, JSON to argv[1].
+With argv[2] == "slow": what one slow row's step costs over a fast step at 128k x 1 (kernel times of 24 steps
+holding exactly one slow step, less 24 fast-only steps), next to a dense step."""
 
 from __future__ import annotations
 
@@ -17,7 +19,57 @@ from sfi.method.runtime import SfiRuntime
 from sfi.tools.bench import _requests, random_model
 
 
+def kernel_ms(gen, steps: int) -> dict[str, float]:
+    """GPU milliseconds by kernel name over the next `steps` decode steps of `gen`."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        done = 0
+        while done < steps:
+            done += isinstance(next(gen), StepDone)
+        torch.cuda.synchronize()
+    by: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            by[ev.name[:90]] += ev.device_time_total / 1e3
+    return dict(by)
+
+
+def slow_step(out_path: str, dev: str = "cuda", ctx: int = 131072) -> None:
+    """One slow row's extra kernel time at 128k x 1, by kernel, and a dense step for scale."""
+    dev, period = torch.device(dev), 24
+    model = random_model("qwen3-4b", ctx, dev, torch.bfloat16)
+    result = {"device": torch.cuda.get_device_name(), "ctx": ctx}
+    runs = {}
+    for name, cfg, boundary in (("sfi_period24", SfiConfig(k_head=2048, recent=256), FixedPeriod(period)),
+                                ("sfi_fast_only", SfiConfig(k_head=2048, recent=256), FixedPeriod(10**9)),
+                                ("dense", None, None)):
+        runtime = SfiRuntime(cfg, boundary, 1, 1) if cfg is not None else None
+        gen = generate(model, _requests(model, ctx, 1, 200, 0), prefill_chunk=4096, runtime=runtime,
+                       cuda_graphs=False)
+        kernel_ms(gen, 30)  # past the prefill and the first period's slow step
+        runs[name] = kernel_ms(gen, period)
+        gen.close()
+        torch.cuda.empty_cache()
+    fast = {k: v / period for k, v in runs["sfi_fast_only"].items()}
+    extra = {k: runs["sfi_period24"].get(k, 0.0) - period * fast.get(k, 0.0)
+             for k in set(runs["sfi_period24"]) | set(fast)}
+    result["fast_step_ms"] = sum(fast.values())
+    result["slow_step_extra_ms"] = sum(extra.values())
+    result["dense_step_ms"] = sum(runs["dense"].values()) / period
+    for key, table in (("fast_top", fast), ("slow_extra_top", extra),
+                       ("dense_top", {k: v / period for k, v in runs["dense"].items()})):
+        result[key] = sorted(table.items(), key=lambda kv: -abs(kv[1]))[:20]
+    print(f"== 128k x 1: fast step {result['fast_step_ms']:.2f} ms GPU, a slow row adds "
+          f"{result['slow_step_extra_ms']:.2f} ms, dense step {result['dense_step_ms']:.2f} ms")
+    for k, v in result["slow_extra_top"]:
+        print(f"{v:8.3f}  {k}")
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def main() -> None:
+    if sys.argv[2:] == ["slow"]:
+        return slow_step(sys.argv[1])
     dev = torch.device("cuda")
     model = random_model("qwen3-4b", 8192, dev, torch.bfloat16)
     result = {}

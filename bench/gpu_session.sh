@@ -14,6 +14,7 @@ run_stage() {
     micro) python3 bench/gpu_micro.py "$OUT/micro.json" ;;
     micro-quick) python3 bench/gpu_micro.py "$OUT/micro.json" quick ;;
     profile) python3 bench/gpu_profile.py "$OUT/profile.json" ;;
+    profile-slow) python3 bench/gpu_profile.py "$OUT/profile-slow.json" slow ;;
     refresh-profile) python3 bench/gpu_refresh_profile.py "$OUT/refresh-profile.json" ;;
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py tests/test_fused_kernels.py \
              tests/test_compact_kernel.py tests/test_selector_kernel.py tests/test_skinny_gemm.py tests/test_topk_positions.py \
