@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
-from sfi_kernels import ranged_decode_attention, skinny_linear
+from sfi_kernels import LogitCapture, ranged_decode_attention, skinny_linear
 
 LAYERS = 36
 QUICK = len(sys.argv) > 2 and sys.argv[2] == "quick"
@@ -166,6 +166,34 @@ def bench_attention(out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_capture(out: dict) -> None:
+    """A slow row's pass (capture of its domain's logits and key norms for the Selector) against the same pass
+    without capture, one row, every layer's cache, in a CUDA graph."""
+    hq, hkv, d = 32, 8, 128
+    for ctx in (32768, 131072):
+        kc = [torch.randn(1, hkv, ctx, d, device=DEV, dtype=DT) for _ in range(LAYERS)]
+        vc = [torch.randn_like(t) for t in kc]
+        mk = [torch.randn(1, hkv, 1, d, device=DEV, dtype=DT) for _ in range(LAYERS)]
+        q = torch.randn(1, hq, d, device=DEV, dtype=DT)
+        ranges = [torch.zeros(1, device=DEV, dtype=torch.int32)] + [
+            torch.full((1,), v, device=DEV, dtype=torch.int32) for v in (0, 0, ctx)]
+        lo, hi = 4, ctx - 256
+        cap = LogitCapture(*(torch.full((1,), v, device=DEV, dtype=torch.int32) for v in (0, lo, hi)),
+                           torch.empty(1, hq, hi - lo, device=DEV), torch.empty(1, hkv, hi - lo, device=DEV))
+        attns = functools.partial(_attns, q, kc, vc, mk, mk, ranges, max_keys=ctx)
+        plain, captured = graph_ms(attns), graph_ms(functools.partial(attns, capture=cap))
+        row = {"ctx": ctx, "plain_ms": plain, "capture_ms": captured, "ratio": captured / plain, "tiles": []}
+        for bn, warps in ((32, 8), (64, 4), (64, 8), (16, 4)):
+            ms = graph_ms(functools.partial(attns, capture=cap, block_n=bn, num_warps=warps))
+            row["tiles"].append({"block_n": bn, "warps": warps, "capture_ms": ms})
+            print(f"  capture block_n {bn} warps {warps}: {ms * 1e3 / LAYERS:6.1f} us/layer", flush=True)
+        out.setdefault("capture", []).append(row)
+        print(f"capture {ctx:6d} x 1: plain {plain * 1e3 / LAYERS:6.1f} us/layer, with capture "
+              f"{captured * 1e3 / LAYERS:6.1f} us/layer ({captured / plain:.2f}x)", flush=True)
+        del kc, vc, mk
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     from sfi.tools.bench import measure_copy_bandwidth
 
@@ -173,6 +201,8 @@ def main() -> None:
            "attention": []}
     print("copy GB/s", out["copy_GBps"], flush=True)
     try:
+        if sys.argv[2:] == ["capture"]:
+            return bench_capture(out)
         bench_attention(out)
         bench_gemm(out)
     finally:

@@ -13,6 +13,7 @@ run_stage() {
     check) python3 bench/gpu_check.py "$OUT/check.json" ;;
     micro) python3 bench/gpu_micro.py "$OUT/micro.json" ;;
     micro-quick) python3 bench/gpu_micro.py "$OUT/micro.json" quick ;;
+    micro-capture) python3 bench/gpu_micro.py "$OUT/micro-capture.json" capture ;;
     profile) python3 bench/gpu_profile.py "$OUT/profile.json" ;;
     profile-slow) python3 bench/gpu_profile.py "$OUT/profile-slow.json" slow ;;
     refresh-profile) python3 bench/gpu_refresh_profile.py "$OUT/refresh-profile.json" ;;

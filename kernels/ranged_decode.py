@@ -251,7 +251,8 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync.
     `native_tiles` (bf16/fp16 on a GPU only): products on the cache's own type with float32 accumulation, the
     probabilities rounded to that type before the value product, instead of tiles upcast to float32; on an H200
-    12-16% less time per layer at 8k-128k, batch 1-16, output 2.3e-3 apart (bench/results/2026-12-03-h200-micro.json)."""
+    12-16% less time per layer at 8k-128k, batch 1-16, output 2.3e-3 apart
+    (bench/results/2026-12-03-h200-micro.json)."""
     _check(q, k_cache, compact_k, rows)
     if capture is not None:
         _check_capture(q, k_cache, capture)
