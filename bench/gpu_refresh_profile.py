@@ -28,7 +28,7 @@ def refresh_case(model, ctx: int, cfg: SfiConfig, slots: int = 1) -> StepRefresh
     memory = SparseMemory(a.n_layers, slots, a.n_kv_heads, cfg.sink, cfg.k_head, a.head_dim, model.dtype, dev)
     r = StepRefresh(cache, memory, SelectorParams.from_config(cfg), slots, ctx, a.n_heads)
     r.z.normal_(0, 3)
-    r.norms.uniform_(0.5, 3)
+    cache.kn.uniform_(0.5, 3)
     lo, hi = cfg.sink, ctx - cfg.recent
     r.meta.copy_(torch.tensor([list(range(slots)), [lo] * slots, [hi - lo] * slots,
                                [min(cfg.k_head, hi - lo)] * slots, [0] * slots], dtype=torch.int32))

@@ -32,6 +32,9 @@ run_stage() {
     # The same points with the ranged kernel's float32-upcast tiles, for an A/B against native tiles.
     bench-upcast) python3 bench/ab_native.py bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --no-torch \
                     --json "$OUT/bench-upcast.json" ;;
+    # Where slow rows cost the most: 32k and 128k at batch 4, SFI and dense only.
+    bench-slow) python3 -m sfi_cli.main bench --ctx 32k,128k --batch 4 --new-tokens 256 --no-hf --no-torch \
+                  --json "$OUT/bench-slow.json" ;;
     bench-b16) python3 -m sfi_cli.main bench --ctx 8k --batch 16 --new-tokens 256 --json "$OUT/bench-b16.json" ;;
     bench-long) python3 -m sfi_cli.main bench --ctx 128k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-long.json" ;;
     # The SmolLM2 GGUF (98 MB) reaches the machine in two calls: `smol-part1` with .carry/a (the first half and
@@ -59,7 +62,8 @@ convert_weights("/root/SmolLM2-135M-Instruct.gguf", "/root/SmolLM2-135M-Instruct
     qwen3-ckpt) mkdir -p /root/.cache/sfi/tokenizers && cp -r .carry/q/qwen3-3.7.2 /root/.cache/sfi/tokenizers/ &&
                 python3 -m sfi_cli.main bench --write-checkpoint /root/q4b 2>&1 | grep -v Writing ;;
     # `sfi run` end to end on that checkpoint: shared prefixes, the built-in mix (SFI and dense, continuous and
-    # static batches), determinism; $WORKLOAD_SKIP names sections to leave out (prefix,profile,mix,determinism).
+    # static batches), determinism; $WORKLOAD_SKIP names sections to leave out
+    # (bootstrap,prefix,profile,mix,order,workers,determinism,oom).
     workload) python3 bench/gpu_workload.py "$OUT/workload.json" /root/q4b ${WORKLOAD_SKIP:+--skip "$WORKLOAD_SKIP"} ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac

@@ -1,7 +1,7 @@
 """One device call's worth of `sfi run` throughput measurements (the continuous-batching issue), as JSON.
 
     python3 bench/gpu_workload.py OUT.json MODEL_DIR [--tiny]
-        [--skip bootstrap,prefix,profile,mix,workers,determinism,oom]
+        [--skip bootstrap,prefix,profile,mix,order,workers,determinism,oom]
 
 0. The bootstrap Selector: the fused kernels (select_fused) against the torch reference on bootstrap-shaped
    logits: picks in common and milliseconds per layer.
@@ -94,7 +94,7 @@ def main() -> None:
                                           "document_lengths": (1024, 1500), "new_tokens": (4, 24)} if tiny else {}))
     if "mix" not in skip:
         result["mix"] = {"jobs": len(mix), "runs": []}
-        workload(tmp, mix, model, result, save)
+        workload(tmp, mix, model, result, save, "order" not in skip)
     if "workers" not in skip:
         result["workers"] = workers_vs_plain(tmp, mix[:6] if tiny else mix[:16], model)
         save()
@@ -138,7 +138,7 @@ def shared_prefix(once, ask: list[dict], document_tokens: int, answer: int, prof
     return prefix
 
 
-def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None:
+def workload(tmp: Path, mix: list[dict], model: str, result: dict, save, order_rows: bool = True) -> None:
     """The mix: default and dense, continuous and static batches."""
     path = tmp / "mix.jsonl"
     write_jobs(path, mix)
@@ -154,7 +154,7 @@ def workload(tmp: Path, mix: list[dict], model: str, result: dict, save) -> None
             result["device"] = w["device"]
             save()
     # The admission order's ablation row: continuous batches in the old order (longest prompt + output first).
-    for recipe in ("default", "dense"):
+    for recipe in ("default", "dense") if order_rows else ():
         w = run_workload(str(path), model, (recipe,), (True,), overrides=("decode.order=length",),
                          progress=lambda t: print("length order:", t, flush=True))
         result["mix"]["length_order"] = result["mix"].get("length_order", []) + w["runs"]

@@ -8,9 +8,9 @@
   the rounding of `F.silu(gate) * up`.
 - `decode_qkv`: one decode token per row: from the fused QKV projection [B, (Hq + 2 Hkv) D], apply the
   optional per-head q/k RMSNorm (Qwen3) and the rotary embedding at each row's position, write K and V
-  into the cache at (rows[b], write_at[b]) (default: positions[b]; a pooled cache's row starts elsewhere) and
-  return q [B, Hq, D]. One launch instead of about
-  twenty small ones per layer.
+  into the cache at (rows[b], write_at[b]) (default: positions[b]; a pooled cache's row starts elsewhere), and
+  with `key_norms` [Bc, Hkv, S] float32 each written key's L2 norm beside it, and return q [B, Hq, D]. One
+  launch instead of about twenty small ones per layer.
 
 Each has a pure-torch reference with the same signature: the CPU path and the tests' ground truth. The
 Triton versions round where the reference rounds (products and sums cast to the model dtype), so the
@@ -51,7 +51,8 @@ def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-                   n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None) -> torch.Tensor:
+                   n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None,
+                   key_norms: torch.Tensor | None = None) -> torch.Tensor:
     b, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.view(b, n_heads + 2 * n_kv_heads, d).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
     if q_norm is not None:
@@ -59,11 +60,16 @@ def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_ca
     cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # [B, 1, D]
     q, k = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
     at = positions if write_at is None else write_at
+    norms = k.float().norm(dim=-1)  # [B, Hkv]
     if k_cache.stride(0) == 0:  # every row is one pool (sfi.cache): write into it once
         k_cache[0][:, at], v_cache[0][:, at] = k.transpose(0, 1), v.transpose(0, 1)
+        if key_norms is not None:
+            key_norms[0][:, at] = norms.transpose(0, 1)
     else:
         k_cache[rows, :, at] = k
         v_cache[rows, :, at] = v
+        if key_norms is not None:
+            key_norms[rows, :, at] = norms
     return q
 
 
@@ -141,8 +147,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_qkv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, at_ptr, q_ptr,
-                           stride_qkv, stride_cb, stride_ch, stride_cs, stride_q, eps,
-                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr):
+                           l2_ptr, stride_qkv, stride_cb, stride_ch, stride_cs, stride_q, stride_lb, stride_lh, eps,
+                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr,
+                           HAS_L2: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         pos = tl.load(pos_ptr + b).to(tl.int64)
@@ -160,6 +167,9 @@ if triton is not None:
             tl.store(kc_ptr + dst, out)
             v = tl.load(qkv_ptr + b * stride_qkv + (HQ + HKV + kh) * D + d)
             tl.store(vc_ptr + dst, v)
+            if HAS_L2:
+                kf = out.to(tl.float32)
+                tl.store(l2_ptr + row * stride_lb + kh * stride_lh + at, tl.sqrt(tl.sum(kf * kf, axis=0)))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -207,19 +217,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-               n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None) -> torch.Tensor:
+               n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None,
+               key_norms: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring. qkv [B, (Hq + 2 Hkv) D]; cos/sin tables [S, D]; caches [Bc, Hkv, S, D]
-    (one layer); rows, positions, write_at [B] -> q [B, Hq, D]."""
+    (one layer), key_norms [Bc, Hkv, S] (unit stride along S); rows, positions, write_at [B] -> q [B, Hq, D]."""
     d = k_cache.shape[-1]
     if not _use_triton(qkv) or d & (d - 1) or qkv.stride(-1) != 1:
         return decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-                              n_heads, n_kv_heads, write_at)
+                              n_heads, n_kv_heads, write_at, key_norms)
+    if key_norms is not None and (key_norms.dtype != torch.float32 or key_norms.stride(-1) != 1):
+        raise ValueError(f"key_norms must be float32 with unit stride along positions, got {key_norms.dtype} "
+                         f"strides {key_norms.stride()}")
     b = qkv.shape[0]
     q = torch.empty(b, n_heads, d, dtype=qkv.dtype, device=qkv.device)
     has_norm = q_norm is not None
     _decode_qkv_kernel[(b, n_heads + n_kv_heads)](
         qkv, q_norm if has_norm else qkv, k_norm if has_norm else qkv, cos_table, sin_table, k_cache, v_cache,
-        rows, positions, positions if write_at is None else write_at, q, qkv.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), q.stride(0),
-        eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, num_warps=1)
+        rows, positions, positions if write_at is None else write_at, q, q if key_norms is None else key_norms,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
+        *((0, 0) if key_norms is None else (key_norms.stride(0), key_norms.stride(1))),
+        eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, HAS_L2=key_norms is not None, num_warps=1)
     return q

@@ -7,9 +7,10 @@ Shapes: q [B, Hq, D]; k_cache, v_cache [Bc, Hkv, S, D]; compact_k, compact_v [Bc
 rows, compact_len, span_start, span_len [B] int32 (rows index the cache batch). Returns
 (out [B, Hq, D], lse [B, Hq]); lse is the natural-log log-sum-exp of the scaled logits.
 
-With `capture` (a `LogitCapture`), rows given a slot also leave what the Selector needs from the same pass
-over their keys: the scaled logits of their positions [lo, hi) of the main cache in z [S, Hq, C] and
-those keys' L2 norms in norms [S, Hkv, C] (index = position - lo), so a slow step reads K once.
+With `capture` (a `LogitCapture`), rows given a slot also leave the Selector's logits from the same pass over
+their keys: the scaled logits of their positions [lo, hi) of the main cache in z [S, Hq, C] (index = position -
+lo), so a slow step reads K once. (The keys' norms are written with the keys, sfi.cache: computing them here,
+even as the diagonal of K K^T on the tensor cores, cost a captured pass 2x an uncaptured one on an H200.)
 
 The Triton kernel splits each row's keys into chunks (flash-decoding) so that a batch of one still fills
 the GPU; partial results are merged with their log-sum-exp.
@@ -34,14 +35,13 @@ except ImportError:  # CPU installs without triton use the reference
 @dataclass(frozen=True)
 class LogitCapture:
     """Per-row capture metadata for `ranged_decode_attention`: slot [B] int32 (-1: no capture), lo, hi [B]
-    int32 (the row's domain in cache positions), and the outputs z [S, Hq, C], norms [S, Hkv, C] float32
-    (views with unit stride along C; C >= hi - lo of every captured row)."""
+    int32 (the row's domain in cache positions), and the output z [S, Hq, C] float32 (a view with unit stride
+    along C; C >= hi - lo of every captured row)."""
 
     slot: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
     z: torch.Tensor
-    norms: torch.Tensor
 
 
 def capture_ref(q: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, capture: LogitCapture,
@@ -55,7 +55,6 @@ def capture_ref(q: torch.Tensor, k_cache: torch.Tensor, rows: torch.Tensor, capt
         keys = k_cache[int(rows[b]), :, lo:hi].float()  # [Hkv, N, D]
         qg = q[b].float().reshape(hkv, hq // hkv, -1)
         capture.z[slot, :, : hi - lo] = (torch.matmul(qg, keys.transpose(1, 2)) * scale).reshape(hq, hi - lo)
-        capture.norms[slot, :, : hi - lo] = keys.norm(dim=-1)
 
 
 def _gather_keys(cache: torch.Tensor, compact: torch.Tensor, rows: torch.Tensor, compact_len: torch.Tensor,
@@ -95,12 +94,12 @@ if triton is not None:
     def _ranged_decode_kernel(
         q_ptr, kc_ptr, vc_ptr, kk_ptr, vk_ptr, rows_ptr, clen_ptr, sstart_ptr, slen_ptr,
         part_o_ptr, part_lse_ptr,
-        slot_ptr, cap_lo_ptr, cap_hi_ptr, z_ptr, nrm_ptr,
+        slot_ptr, cap_lo_ptr, cap_hi_ptr, z_ptr,
         stride_qb, stride_qh,
         stride_cb, stride_ch, stride_cs,
         stride_kb, stride_kh, stride_ks,
         stride_pb, stride_ph, stride_ps,
-        stride_zs, stride_zh, stride_ns, stride_nh,
+        stride_zs, stride_zh,
         scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAPTURE: tl.constexpr, NATIVE: tl.constexpr,
     ):
@@ -151,23 +150,12 @@ if triton is not None:
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             if CAPTURE:  # noqa: SIM102 (a compile-time branch around a run-time one)
                 if slot >= 0:
-                    # The Selector's inputs for this row's domain, from the keys already loaded.
+                    # The Selector's logits for this row's domain.
                     pos = sstart + j - clen
                     cmask = in_s & (pos >= cap_lo) & (pos < cap_hi)
                     rel = (pos - cap_lo).to(tl.int64)
                     z_off = slot.to(tl.int64) * stride_zs + (h * G + g).to(tl.int64)[:, None] * stride_zh + rel[None, :]
                     tl.store(z_ptr + z_off, s, mask=gmask[:, None] & cmask[None, :])
-                    # Squared norms as the diagonal of K K^T on the tensor cores, from the tile the logits' product
-                    # already reads. A captured pass against an uncaptured one on an H200 (bench/gpu_micro.py
-                    # capture): 2.28x at 128k summing squares of a register copy of K, 1.98x so; 1.27x with no
-                    # norms at all.
-                    if NATIVE:
-                        kk = tl.dot(k, tl.trans(k))
-                    else:
-                        kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)
-                    eye = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
-                    tl.store(nrm_ptr + slot.to(tl.int64) * stride_ns + h * stride_nh + rel,
-                             tl.sqrt(tl.sum(tl.where(eye, kk, 0.0), axis=1)), mask=cmask)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -227,16 +215,14 @@ def _check(q, k_cache, compact_k, rows) -> None:
 
 def _check_capture(q: torch.Tensor, k_cache: torch.Tensor, c: LogitCapture) -> None:
     b, hq = q.shape[:2]
-    hkv = k_cache.shape[1]
     for name in ("slot", "lo", "hi"):
         t = getattr(c, name)
         if t.shape != (b,) or t.dtype != torch.int32:
             raise ValueError(f"capture.{name}: expected int32 [{b}], got {t.dtype} {tuple(t.shape)}")
-    if c.z.dim() != 3 or c.z.shape[1] != hq or c.norms.shape != (c.z.shape[0], hkv, c.z.shape[2]):
-        raise ValueError(f"capture: expected z [S, {hq}, C] and norms [S, {hkv}, C] float32, got z "
-                         f"{tuple(c.z.shape)}, norms {tuple(c.norms.shape)}")
-    if c.z.dtype != torch.float32 or c.norms.dtype != torch.float32 or c.z.stride(2) != 1 or c.norms.stride(2) != 1:
-        raise ValueError("capture: z and norms must be float32 with unit stride along C")
+    if c.z.dim() != 3 or c.z.shape[1] != hq:
+        raise ValueError(f"capture: expected z [S, {hq}, C] float32, got z {tuple(c.z.shape)}")
+    if c.z.dtype != torch.float32 or c.z.stride(2) != 1:
+        raise ValueError("capture: z must be float32 with unit stride along C")
 
 
 def default_split(max_keys: int, row_heads: int = 8) -> int:
@@ -281,8 +267,8 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         if t.stride(3) != 1:
             raise ValueError("caches must be contiguous in the head dim")
     c = capture
-    cap_args = (c.slot, c.lo, c.hi, c.z, c.norms) if c is not None else (rows,) * 3 + (part_lse,) * 2
-    cap_strides = (c.z.stride(0), c.z.stride(1), c.norms.stride(0), c.norms.stride(1)) if c is not None else (0,) * 4
+    cap_args = (c.slot, c.lo, c.hi, c.z) if c is not None else (rows,) * 3 + (part_lse,)
+    cap_strides = (c.z.stride(0), c.z.stride(1)) if c is not None else (0,) * 2
     _ranged_decode_kernel[(b, hkv, n_split)](
         q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len, part_o, part_lse,
         *cap_args,

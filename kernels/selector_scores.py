@@ -1,11 +1,12 @@
 """The Selector's scores for many independent problems at once: the torch reference, stage by stage, and fused.
 
 z [P, H, R, C] float32 scaled logits (P problems such as layers or batch slots, H KV heads, R query rows per
-head, C capacity); norms [P, H, C] key L2 norms; n [P] int32 on the device, the domain length of each problem
-(0 <= n[p] <= C). Positions j >= n[p] are never read (they may hold NaN). Returns s'' [P, H, C] float32: the
-reference's scores on the first n[p] positions, -inf after. Every row sees the whole domain (decode refreshes),
-so lam_max is lam_max_multi when R > 1, lam_max_single when R == 1. `params` is any object with the fields of
-sfi.selector.SelectorParams (this package does not import sfi).
+head, C capacity); norms [P, H, C] key L2 norms, or with `norm_at` = (rows, start) [P] int32 any [N, H, S] of
+them, problem p's at norms[rows[p], :, start[p]:] (a KV cache's norms, read in place); n [P] int32 on the
+device, the domain length of each problem (0 <= n[p] <= C). Positions j >= n[p] are never read (they may hold
+NaN). Returns s'' [P, H, C] float32: the reference's scores on the first n[p] positions, -inf after. Every row
+sees the whole domain (decode refreshes), so lam_max is lam_max_multi when R > 1, lam_max_single when R == 1.
+`params` is any object with the fields of sfi.selector.SelectorParams (this package does not import sfi).
 
 The Triton path never reads n on the host and allocates by shape only, so it can be captured in a CUDA graph.
 Each (problem, head) is cut into NS chunks of positions (NS from P, H and C alone), so short batches still fill
@@ -144,14 +145,16 @@ def scores(z: torch.Tensor, key_norms: torch.Tensor, p) -> torch.Tensor:
     return span_pool(s, p.span_successors, p.span_block)
 
 
-def selector_scores_ref(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, params) -> torch.Tensor:
+def selector_scores_ref(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, params,
+                        norm_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Pure torch, one problem at a time (reads n on the host)."""
-    _check(z, norms, n)
+    _check(z, norms, n, norm_at)
     p_count, h, _, c = z.shape
     out = torch.full((p_count, h, c), -math.inf, dtype=torch.float32, device=z.device)
+    rows, start = (t.tolist() for t in norm_at) if norm_at is not None else (range(p_count), [0] * p_count)
     for p, m in enumerate(n.tolist()):
         if m > 0:
-            out[p, :, :m] = scores(z[p, :, :, :m], norms[p, :, :m], params)
+            out[p, :, :m] = scores(z[p, :, :, :m], norms[rows[p], :, start[p]:start[p] + m], params)
     return out
 
 
@@ -222,11 +225,12 @@ if triton is not None:
         tl.store(part_d_ptr + off, tl.sum(run_d, axis=1))
 
     @triton.jit(do_not_specialize=["C", "CHUNK", "NS"])
-    def _mix_stats_kernel(z_ptr, nrm_ptr, n_ptr, part_m_ptr, part_d_ptr, stats_ptr, lf_ptr, lr_ptr,
+    def _mix_stats_kernel(z_ptr, nrm_ptr, nrow_ptr, nstart_ptr, n_ptr, part_m_ptr, part_d_ptr, stats_ptr, lf_ptr,
+                          lr_ptr,
                           stride_zp, stride_zh, stride_zr, stride_np, stride_nh, C, CHUNK, NS,
                           alpha, log_rows, gamma, w_l2, w_pos, pos_pow, pos_eta, pos_beta,
                           H: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, NS_PAD: tl.constexpr,
-                          BLOCK: tl.constexpr, USE_PRIOR: tl.constexpr):
+                          BLOCK: tl.constexpr, USE_PRIOR: tl.constexpr, HAS_AT: tl.constexpr):
         """log f, log r to scratch; per chunk: max of log f (mf) and log r (mr), and sums of ef = exp(log f - mf),
         er, ef^2, ef*er, er^2 (stats [P*H, NS, 8]; slot 7 unused)."""
         ph = tl.program_id(0)
@@ -240,7 +244,11 @@ if triton is not None:
         rmask = r < R
         row_lse = _merged_row_lse(part_m_ptr, part_d_ptr, ph, NS, R, R_PAD, NS_PAD)
         z_base = z_ptr + p.to(tl.int64) * stride_zp + h.to(tl.int64) * stride_zh + r.to(tl.int64)[:, None] * stride_zr
-        nrm_base = nrm_ptr + p.to(tl.int64) * stride_np + h.to(tl.int64) * stride_nh
+        if HAS_AT:  # a cache's norms: the problem's own row and start
+            nrm_base = nrm_ptr + tl.load(nrow_ptr + p).to(tl.int64) * stride_np + h.to(tl.int64) * stride_nh + \
+                tl.load(nstart_ptr + p).to(tl.int64)
+        else:
+            nrm_base = nrm_ptr + p.to(tl.int64) * stride_np + h.to(tl.int64) * stride_nh
         # Per-lane running maxes and sums: no communication between lanes until the end.
         mf = tl.full([BLOCK], float("-inf"), tl.float32)
         mr = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -434,13 +442,19 @@ if triton is not None:
         tl.store(out_ptr + rows + j[None, :], s, mask=hmask[:, None] & (j < C)[None, :])
 
 
-def _check(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor) -> None:
+def _check(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor,
+           norm_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     if z.dim() != 4:
         raise ValueError(f"expected z [P, H, R, C], got {tuple(z.shape)}")
     p, h, r, c = z.shape
     if r < 1:
         raise ValueError(f"expected z [P, H, R, C] with R >= 1, got {tuple(z.shape)}")
-    if tuple(norms.shape) != (p, h, c):
+    if norm_at is not None:
+        if norms.dim() != 3 or norms.shape[1] != h:
+            raise ValueError(f"expected norms [N, {h}, S] with norm_at, got {tuple(norms.shape)}")
+        if any(tuple(t.shape) != (p,) or t.dtype != torch.int32 for t in norm_at):
+            raise ValueError(f"expected norm_at rows and start int32 [{p}]")
+    elif tuple(norms.shape) != (p, h, c):
         raise ValueError(f"expected norms [P, H, C] = {(p, h, c)}, got {tuple(norms.shape)}")
     if tuple(n.shape) != (p,):
         raise ValueError(f"expected n [P] = {(p,)}, got {tuple(n.shape)}")
@@ -463,13 +477,13 @@ def _chunking(p: int, h: int, c: int, block: int, programs: int) -> tuple[int, i
 
 def selector_scores(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, params, *, block: int | None = None,
                     block_b: int | None = None, chunk: int | None = None, programs: int | None = None,
-                    num_warps: int = 4) -> torch.Tensor:
+                    num_warps: int = 4, norm_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """See the module docstring. block/block_b: positions per step of kernels 1-3 / per program of kernel 4;
     chunk: positions per program of kernels 1-3 (a multiple of block), by default such that kernels 1-3 run
     about `programs` programs (P*H*NS)."""
-    _check(z, norms, n)
+    _check(z, norms, n, norm_at)
     if triton is None or not (z.is_cuda or _interpreting()):
-        return selector_scores_ref(z, norms, n, params)
+        return selector_scores_ref(z, norms, n, params, norm_at)
     if z.stride(-1) != 1 or norms.stride(-1) != 1:
         raise ValueError(f"z and norms must be contiguous along positions; strides {z.stride()}, {norms.stride()}")
     if n.device != z.device or norms.device != z.device:
@@ -512,9 +526,9 @@ def selector_scores(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, param
               max(float(prm["pos_p"]), 1.0), float(prm["pos_eta"]), float(prm["pos_beta"]))
     _row_lse_kernel[grid](z, n, part_m, part_d, *zs, chunk, ns, H=h, R=r, R_PAD=r_pad, BLOCK=block,
                           num_warps=num_warps)
-    _mix_stats_kernel[grid](z, norms, n, part_m, part_d, stats, lf, lr, *zs, *ns_, c, chunk, ns, *consts,
-                            H=h, R=r, R_PAD=r_pad, NS_PAD=ns_pad, BLOCK=block, USE_PRIOR=use_prior,
-                            num_warps=num_warps)
+    _mix_stats_kernel[grid](z, norms, *(norm_at or (n, n)), n, part_m, part_d, stats, lf, lr, *zs, *ns_, c, chunk,
+                            ns, *consts, H=h, R=r, R_PAD=r_pad, NS_PAD=ns_pad, BLOCK=block, USE_PRIOR=use_prior,
+                            HAS_AT=norm_at is not None, num_warps=num_warps)
     _fuse_kernel[grid](lf, lr, n, stats, s, c, chunk, ns, lam_max,
                        H=h, NS_PAD=ns_pad, BLOCK=block, USE_PRIOR=use_prior, num_warps=num_warps)
     if last_pass:

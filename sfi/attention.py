@@ -30,8 +30,8 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
 
     One ranged-kernel launch (the kernel's reference on a CPU) for the step's slow rows, which come first, and one
     for the others, each with a split for its own ranges; a step without slow rows (or of slow rows alone) is one
-    launch. A slow row's pass also leaves its domain's logits and key norms for the
-    in-step refresh, which runs after each group of layers."""
+    launch. A slow row's pass also leaves its domain's logits for the in-step refresh, which runs after each
+    group of layers."""
     kc, vc = cache.k[layer], cache.v[layer]  # [Bc, Hkv, S, D]
     memory, refresh = step.memory, step.refresh
     mem_k, mem_v = (memory.k[layer], memory.v[layer]) if memory is not None else (kc, vc)
@@ -47,8 +47,7 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     else:  # the slow rows (first) with a split for their whole caches, then the others with one for their short
         # ranges: a slow row's split would give every fast row hundreds of empty blocks
         meta = (rows, clen, start, span)
-        slow_capture = capture and LogitCapture(capture.slot[:f], capture.lo[:f], capture.hi[:f], capture.z,
-                                                capture.norms)
+        slow_capture = capture and LogitCapture(capture.slot[:f], capture.lo[:f], capture.hi[:f], capture.z)
         slow = _ranged(q[:f], kc, vc, mem_k, mem_v, [t[:f] for t in meta], scale, step.slow_keys, step.slow_split,
                        slow_capture)
         fast = _ranged(q[f:], kc, vc, mem_k, mem_v, [t[f:] for t in meta], scale, max_keys, split, None)
@@ -69,8 +68,10 @@ def _ranged(q, kc, vc, mem_k, mem_v, meta, scale, max_keys, split, capture):
     """One launch of the ranged kernel on a GPU (its reference on a CPU) for the rows of `meta`."""
     rows, clen, start, span = meta
     if q.is_cuda:
+        # A captured (slow) launch takes tiles of 64 keys: on an H200, one row, 36 layers, 170 against 209 us per
+        # layer at 128k and 55 against 68 at 32k (bench/results/2026-12-03-h200-micro-cap-nonorm.json).
         return ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
-                                       split=split, capture=capture)
+                                       split=split, capture=capture, block_n=64 if capture is not None else 32)
     return ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
 
 

@@ -1,6 +1,8 @@
 """The KV cache: K and V for every layer and slot, allocated once per decoder, filled in place.
 
-Two layouts behind one view, k, v [L, B, Hkv, S, D] (slot b, position p of its row at k[:, b, :, base[b] + p]):
+Two layouts behind one view, k, v [L, B, Hkv, S, D] (slot b, position p of its row at k[:, b, :, base[b] + p]),
+with each key's float32 L2 norm beside it in kn [L, B, Hkv, S], written with the key (the Selector's key-norm
+prior reads it; a slow step then need not recompute the norms of its whole domain):
 
 - rows (`KVCache`): every slot owns a row of S = max_len positions; base is 0. A batch of similar lengths
   (eval, bench, static batches).
@@ -29,8 +31,9 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.kn = torch.empty(shape[:-1], dtype=torch.float32, device=device)
         self.base = [0] * batch  # per slot: where its position 0 lies in its row of the view
-        self.pool_k = self.pool_v = None
+        self.pool_k = self.pool_v = self.pool_kn = None
         self._size = [0] * batch  # pool: the slot's segment length (0: none)
         self._free: list[tuple[int, int]] = []  # pool: free (start, length), by start
 
@@ -44,7 +47,9 @@ class KVCache:
         self = cls.__new__(cls)
         self.pool_k, self.pool_v = (torch.empty(n_layers, n_kv_heads, positions + 1, head_dim, dtype=dtype,
                                                 device=device) for _ in range(2))
-        self.k, self.v = (p[:, None].expand(n_layers, slots, *p.shape[1:]) for p in (self.pool_k, self.pool_v))
+        self.pool_kn = torch.empty(n_layers, n_kv_heads, positions + 1, dtype=torch.float32, device=device)
+        self.k, self.v, self.kn = (p[:, None].expand(n_layers, slots, *p.shape[1:])
+                                   for p in (self.pool_k, self.pool_v, self.pool_kn))
         self.base = [0] * slots
         self._size = [0] * slots
         self._free = [(0, positions)]
@@ -65,9 +70,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        if self.is_pool:
-            return self.pool_k.numel() * self.pool_k.element_size() * 2
-        return self.k.numel() * self.k.element_size() * 2
+        k, kn = (self.pool_k, self.pool_kn) if self.is_pool else (self.k, self.kn)
+        return k.numel() * k.element_size() * 2 + kn.numel() * kn.element_size()
 
     # -- segments (a pool; rows accept whatever fits their length) ------------------------------------------
     @property
@@ -127,3 +131,9 @@ class KVCache:
             return self.pool_k, self.pool_v, 1, 0
         n_layers, b = self.k.shape[:2]
         return self.k.view(n_layers * b, *self.k.shape[2:]), self.v.view(n_layers * b, *self.v.shape[2:]), b, 1
+
+    def flat_norms(self) -> torch.Tensor:
+        """The key norms [R, Hkv, S] with the rows of `flat`."""
+        if self.is_pool:
+            return self.pool_kn
+        return self.kn.view(-1, *self.kn.shape[2:])

@@ -68,6 +68,10 @@ class ModelArgs:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
 
+    def cache_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """What a cached token holds: its K and V and its keys' float32 norms (sfi.cache)."""
+        return self.kv_bytes_per_token(dtype) + 4 * self.n_layers * self.n_kv_heads
+
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelArgs:
         family = getattr(cfg, "model_type", None)
@@ -275,6 +279,7 @@ class Attention(nn.Module):
         kc, vc = cache.k[self.layer, step.row, :, base:], cache.v[self.layer, step.row, :, base:]  # [Hkv, S', D]
         kc[:, step.start:end] = k[0]
         vc[:, step.start:end] = v[0]
+        cache.kn[self.layer, step.row, :, base + step.start:base + end] = k[0].float().norm(dim=-1)
         keys, values = kc[None, :, :end], vc[None, :, :end]  # [1, Hkv, end, D]
         if step.start == 0:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
@@ -301,7 +306,7 @@ class Attention(nn.Module):
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
         q = (decode_qkv if x.is_cuda else decode_qkv_ref)(_linear(self.wqkv, x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
                                                            step.rows, step.positions, self.n_heads, self.n_kv_heads,
-                                                           step.write_at)
+                                                           step.write_at, cache.kn[self.layer])
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return _linear(self.wo, out.reshape(b, 1, -1))
 
@@ -439,6 +444,7 @@ class Transformer(nn.Module):
                 q_all[:, :, s:e] = q
                 kc[:, s:e] = k[0]
                 vc[:, s:e] = v[0]
+                cache.kn[att.layer, row, :, base + s:base + e] = k[0].float().norm(dim=-1)
             out = F.scaled_dot_product_attention(q_all, kc[None, :, :t], vc[None, :, :t], is_causal=True,
                                                  scale=att.scale, enable_gqa=True)  # [1, Hq, T, D]
             if bootstrap is not None:  # q_all is rewritten by the next layer

@@ -168,6 +168,35 @@ def test_a_refilled_slot_starts_clean(ckpt):
     assert second == decode(fresh()[0], request(150, 40))
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_key_norms_are_written_beside_every_key(ckpt, pooled):
+    """The cache's key norms (read by every refresh) match its keys at every position a row holds: prefill chunks,
+    a prefix copied from another row, decode steps; rows side by side in a pool."""
+    lm = load_model(ckpt, device="cpu")
+    a = lm.args
+    cfg = SfiConfig(sink=4, k_head=16, recent=8)
+    ids = tiny.tokenizer()(TEXT)["input_ids"]
+    rt = SfiRuntime(cfg, FixedPeriod(4), 2, a.kv_bytes_per_token(lm.model.dtype))
+    cache = lm.model.new_pool(2, 700, 400) if pooled else None
+    decoder = Decoder(lm.model, 2, 400, rt, prefill_chunk=64, cache=cache)
+    cache = decoder.cache
+    cache.kn.fill_(float("nan")) if not pooled else cache.pool_kn.fill_(float("nan"))
+    reqs = [Request(ids[:300], RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), 10)),
+            Request(ids[:250] + ids[260:300], RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), 10),
+                    reuse=(0, 200))]
+    for slot, req in enumerate(reqs):
+        decoder.admit(slot, req)
+    while decoder.prefills:
+        decoder.prefill()
+    for _ in range(8):
+        decoder.step()
+    assert decoder.rows[1].length > 290 and rt.stats[0].slow > 1
+    for slot, row in decoder.rows.items():
+        at = slice(cache.base[slot], cache.base[slot] + row.length)
+        keys = cache.k[:, slot, :, at].float()
+        torch.testing.assert_close(cache.kn[:, slot, :, at], keys.norm(dim=-1))
+
+
 def test_padding_idle_slots_leaves_every_rows_tokens_unchanged(ckpt, monkeypatch):
     """With CUDA graphs every step runs all slots, idle ones as padding (sfi.engine.step): forced on here, the decoding
     rows' tokens are those of unpadded steps, through admissions, slow steps and finished rows."""

@@ -43,13 +43,14 @@ def test_decode_qkv(hq, hkv, d, norm, shifted, dtype):
     sin = torch.cat([angles.sin()] * 2, -1).to(DEVICE, dtype)
     rows = torch.tensor([2, 0, 3], device=DEVICE)
     positions = torch.tensor([5, 39, 0], device=DEVICE)
-    caches = []
+    caches, key_norms = [], []
     for _ in range(2):
         kc = torch.full((bc, hkv, s, d), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
         caches.append((kc, kc.clone()))
+        key_norms.append(torch.full((bc, hkv, s), float("nan"), device=DEVICE))
     at = torch.tensor([30, 7, 21], device=DEVICE) if shifted else None
-    q = decode_qkv(qkv, qn, kn, 1e-6, cos, sin, *caches[0], rows, positions, hq, hkv, at)
-    q_ref = decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *caches[1], rows, positions, hq, hkv, at)
+    q = decode_qkv(qkv, qn, kn, 1e-6, cos, sin, *caches[0], rows, positions, hq, hkv, at, key_norms[0])
+    q_ref = decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *caches[1], rows, positions, hq, hkv, at, key_norms[1])
     if shifted:  # the same rotation as unshifted, and the same K, V, only elsewhere
         plain = [torch.full_like(kc, float("nan")) for kc in caches[1]]
         torch.testing.assert_close(q_ref, decode_qkv_ref(qkv, qn, kn, 1e-6, cos, sin, *plain, rows, positions, hq, hkv),
@@ -66,6 +67,11 @@ def test_decode_qkv(hq, hkv, d, norm, shifted, dtype):
         torch.testing.assert_close(got.transpose(1, 2)[written.to(DEVICE)], ref.transpose(1, 2)[written.to(DEVICE)],
                                    **tol)
         assert got.transpose(1, 2)[~written.to(DEVICE)].isnan().all()  # nothing else touched
+    # each written key's float32 norm beside it, and nothing else
+    for got in key_norms:
+        torch.testing.assert_close(got.transpose(1, 2)[written.to(DEVICE)],
+                                   caches[0][0].transpose(1, 2)[written.to(DEVICE)].float().norm(dim=-1), **tol)
+        assert got.transpose(1, 2)[~written.to(DEVICE)].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -68,6 +68,21 @@ def test_matches_selector_on_awkward_shapes(case):
     assert_matches(selector_scores_ref(z, norms, nt, DEFAULT), want)
 
 
+def test_norms_read_in_place_from_a_cache():
+    """With norm_at, each problem's norms come from its own row and start of a larger [N, H, S] tensor (a cache's
+    norms): the same scores as the norms copied out into [P, H, C]."""
+    n, h, r, c = [40, 0, 63, 17], 4, 3, 63
+    z, norms, nt = make_case(n, h, r, c, seed=11)
+    cache = torch.full((7, h, 200), float("nan"), device=norms.device)  # poisoned outside each problem's range
+    rows, start = [5, 2, 0, 5], [3, 150, 100, 120]
+    for p, (row, at) in enumerate(zip(rows, start, strict=True)):
+        cache[row, :, at:at + n[p]] = norms[p, :, :n[p]]
+    at = tuple(torch.tensor(x, dtype=torch.int32, device=norms.device) for x in (rows, start))
+    want = expected(z, norms, nt, DEFAULT)
+    assert_matches(selector_scores(z, cache, nt, DEFAULT, norm_at=at), want)
+    assert_matches(selector_scores_ref(z, cache, nt, DEFAULT, norm_at=at), want)
+
+
 ABLATIONS = {
     "all_on": {},
     "ours": dataclasses.asdict(S.SelectorParams()),  # sfi's defaults

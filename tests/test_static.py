@@ -44,6 +44,7 @@ def random_cache(g, layers, rows, hkv, length, d, sink, k_head, pooled=False) ->
     memory = SparseMemory(layers, rows, hkv, sink, k_head, d, torch.float32, "cpu")
     for t in (*pools, memory.k, memory.v):
         t.copy_(torch.randn(t.shape, generator=g))
+    (cache.pool_kn if pooled else cache.kn).copy_((cache.pool_k if pooled else cache.k).norm(dim=-1))
     return cache, memory
 
 
@@ -77,7 +78,6 @@ def test_step_refresh_writes_what_the_selector_picks(params, pooled):
         for s, (row, lo, hi) in enumerate(slots):
             z = torch.randn(hq, hi - lo, generator=g) * 3
             cap.z[s, :, : hi - lo] = z
-            cap.norms[s, :, : hi - lo] = own(cache.k, cache, layer, row)[:, lo:hi].norm(dim=-1)
             logits[layer, s] = z
         step.after_attention(layer)
     step.finish()

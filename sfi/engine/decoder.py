@@ -321,6 +321,7 @@ class Decoder:
         a, b = c.base[p.row], c.base[src]
         c.k[:, p.row, :, a:a + n] = c.k[:, src, :, b:b + n]
         c.v[:, p.row, :, a:a + n] = c.v[:, src, :, b:b + n]
+        c.kn[:, p.row, :, a:a + n] = c.kn[:, src, :, b:b + n]
         self.rows[p.row].progress = n
         p.waits_for = None
         return True

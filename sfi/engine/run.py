@@ -520,7 +520,7 @@ class Runner:
         d = self.cfg.decode
         device = lm.model.device
         longest = max(it.tokens for it in sized)
-        bpt = lm.args.kv_bytes_per_token(lm.model.dtype)
+        bpt = lm.args.cache_bytes_per_token(lm.model.dtype)
         window = self.cfg.sfi.bootstrap_window if self.cfg.sfi.mode == "sfi" else 0
         headroom = activation_bytes(lm.args, d.prefill_chunk, longest, d.max_batch_size, device.type == "cpu", window)
         budget = int(available_memory(device) * d.kv_memory_fraction) - headroom

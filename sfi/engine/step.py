@@ -114,7 +114,7 @@ class StaticDecoder:
         self.graphs = graphs and model.device.type == "cuda"
         self.pad = self.graphs if pad is None else pad  # run every cache row (see the module's docstring)
         self._buffers: dict[int, _Buffers] = {}
-        self._refresh_logits: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._refresh_logits: dict[tuple[int, int], torch.Tensor] = {}
         self._graphs: dict[_Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._side: torch.cuda.Stream | None = None  # warm-up and capture
@@ -225,7 +225,7 @@ class StaticDecoder:
             shared = self._refresh_logits.get((capacity, slots))  # the same logits buffers for every batch width
             refresh = StepRefresh(self.cache, self.memory, self.params, batch, capacity, self.model.args.n_heads,
                                   slots, shared)
-            self._refresh_logits[capacity, slots] = (refresh.z, refresh.norms)
+            self._refresh_logits[capacity, slots] = refresh.z
             buf.refresh[capacity, slots] = refresh
         return buf.refresh[capacity, slots]
 

@@ -1,8 +1,8 @@
 """The slow rows' refresh inside a static decode step, a group of layers at a time, overlapped with the layers
 after it.
 
-A slow row's attention (the ranged kernel over its whole cache) also leaves the Selector's inputs for its
-domain: the scaled logits of its queries and the norms of its keys (one read of K for both). After the last
+A slow row's attention (the ranged kernel over its whole cache) also leaves the Selector's logits for its
+domain (one read of K for both); the keys' norms are the cache's own (written with the keys, sfi.cache). After the last
 attention of a group of layers, the refresh of the whole group (fused Selector scores, the top-k threshold,
 kept positions, compaction writer: about ten launches for every layer and slow row of the group at once) is
 queued on a side stream while the main stream goes on with the next layers; the step ends by joining the
@@ -54,24 +54,22 @@ class StepRefresh:
     caller before each step."""
 
     def __init__(self, cache: KVCache, memory: SparseMemory, params: SelectorParams, batch: int, capacity: int,
-                 n_heads: int, slots: int | None = None,
-                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 n_heads: int, slots: int | None = None, z: torch.Tensor | None = None) -> None:
         self.cache, self.memory, self.params = cache, memory, params
-        n_layers, _, hkv, _, _ = cache.k.shape
+        n_layers = cache.k.shape[0]
         self.group = g = group_size(n_layers)
         dev = cache.k.device
         # [2 group buffers, slot, layer of the group, heads, position]: a group's problems are contiguous.
         slots = batch if slots is None else slots
-        # `buffers` (z, norms) of another StepRefresh of the same slots and capacity may be shared: steps run one
-        # after another and each step's refresh has finished before the next step starts (`finish`).
-        self.z, self.norms = buffers or (
-            torch.zeros(2, slots, g, n_heads, capacity, dtype=torch.float32, device=dev),
-            torch.zeros(2, slots, g, hkv, capacity, dtype=torch.float32, device=dev))
+        # The logits `z` of another StepRefresh of the same slots and capacity may be shared: steps run one after
+        # another and each step's refresh has finished before the next step starts (`finish`).
+        self.z = z if z is not None else torch.zeros(2, slots, g, n_heads, capacity, dtype=torch.float32, device=dev)
         self.row_meta = torch.full((3, batch), -1, dtype=torch.int32, device=dev)
         self.meta = torch.zeros(5, slots, dtype=torch.int32, device=dev)
         # Rows of the flattened cache (KVCache.flat) and memory for (group, layer of the group), before adding
         # the cache row times its stride.
         self.flat_k, self.flat_v, self.layer_stride, self.slot_stride = cache.flat()
+        self.flat_norms = cache.flat_norms()
         layers = torch.arange(n_layers, dtype=torch.int32, device=dev)
         self.layer_rows = (layers * self.layer_stride).view(-1, g)
         self.memory_rows = (layers * memory.k.shape[1]).view(-1, g)
@@ -89,7 +87,7 @@ class StepRefresh:
     def capture(self, layer: int) -> LogitCapture:
         slot, lo, hi = self.row_meta.unbind(0)
         buf, j = (layer // self.group) % 2, layer % self.group
-        return LogitCapture(slot, lo, hi, self.z[buf, :, j], self.norms[buf, :, j])
+        return LogitCapture(slot, lo, hi, self.z[buf, :, j])
 
     def before_attention(self, layer: int) -> None:
         group = layer // self.group
@@ -116,7 +114,7 @@ class StepRefresh:
         s, g = self.n_slots, self.group
         rows, lo, n, count, base = self.meta[:, :s].unbind(0)
         hq, cap = self.z.shape[3], self.z.shape[4]
-        hkv = self.norms.shape[3]
+        hkv = self.flat_norms.shape[1]
         buf = group % 2
         # Problem p = slot * g + layer of the group; query heads h*G..h*G+G-1 share KV head h.
         z = self.z[buf, :s].view(s * g, hkv, hq // hkv, cap)
@@ -124,11 +122,12 @@ class StepRefresh:
         # The kernels on a GPU, their references on a CPU (the same step either way).
         scores_fn, write_fn = ((selector_scores, compact_write) if z.is_cuda else
                                (selector_scores_ref, compact_write_ref))
-        score = scores_fn(z, self.norms[buf, :s].view(s * g, hkv, cap), per_problem(n), self.params)
+        # The compaction writer and the norms see the layers of the cache and memory as rows (KVCache.flat).
+        cache_rows = (self.layer_rows[group][None, :] + rows[:, None] * self.slot_stride).view(-1)
+        score = scores_fn(z, self.flat_norms, per_problem(n), self.params,
+                          norm_at=(cache_rows, per_problem(base + lo)))
         # [S * g, Hkv, min(k_head, cap)], domain order; the -inf scores (past n) come last and are not written
         picks = top_positions(score, self.memory.k_head)
-        # The compaction writer sees the layers of the cache and memory as rows (KVCache.flat).
-        cache_rows = (self.layer_rows[group][None, :] + rows[:, None] * self.slot_stride).view(-1)
         memory_rows = (self.memory_rows[group][None, :] + rows[:, None]).view(-1)
         m = self.memory
         flat = lambda t: t.view(-1, *t.shape[2:])  # noqa: E731  [L, B, ...] -> [L * B, ...]

@@ -111,7 +111,7 @@ class SfiRuntime:
         else:
             zg = z.reshape(*z.shape[:-3], hkv, (hq // hkv) * r, n)  # query heads h*G..h*G+G-1 share KV head h
             at = cache.base[row] + lo
-            norms = cache.k[layer, row, :, at:at + n].float().norm(dim=-1)  # [..., Hkv, N]
+            norms = cache.kn[layer, row, :, at:at + n]  # [..., Hkv, N]
             if zg.is_cuda and self.rows_see_domain:
                 picks = select_fused(zg, norms, self.cfg.k_head, self.score_params)
             else:
