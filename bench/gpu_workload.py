@@ -21,6 +21,7 @@ every size so the script can be tried on a CPU with a tiny checkpoint first.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -147,24 +148,26 @@ def workload(tmp: Path, mix: list[dict], model: str, result: dict, save, order_r
     # configuration paid it alone: SFI continuous prefill 22.6 s against 15.7 s static, 0.50 s against 0.31 s per
     # graph capture (bench/results/2026-12-02-h200-workload-9-static-reuse-fixed.json).
     run_workload(str(path), model, ("default",), (True, False), progress=lambda t: print("warm-up", t, flush=True))
-    for recipe in ("default", "dense"):
+    # $WORKLOAD_RECIPES (default "default,dense") limits the rows, e.g. to SFI alone when device time is short.
+    recipes = tuple(os.environ.get("WORKLOAD_RECIPES", "default,dense").split(","))
+    for recipe in recipes:
         for continuous in (True, False):
             w = run_workload(str(path), model, (recipe,), (continuous,), progress=lambda t: print(t, flush=True))
             result["mix"]["runs"] += w["runs"]
             result["device"] = w["device"]
             save()
     # The admission order's ablation row: continuous batches in the old order (longest prompt + output first).
-    for recipe in ("default", "dense") if order_rows else ():
+    for recipe in recipes if order_rows else ():
         w = run_workload(str(path), model, (recipe,), (True,), overrides=("decode.order=length",),
                          progress=lambda t: print("length order:", t, flush=True))
         result["mix"]["length_order"] = result["mix"].get("length_order", []) + w["runs"]
         save()
     by = {(r["recipe"], r["continuous"]): r["jobs_per_hour"] for r in result["mix"]["runs"]}
-    result["mix"]["ratios"] = {
-        "default continuous / static": round(by[("default", True)] / by[("default", False)], 3),
-        "dense continuous / static": round(by[("dense", True)] / by[("dense", False)], 3),
-        "default / dense (continuous)": round(by[("default", True)] / by[("dense", True)], 3),
-        "default / dense (static)": round(by[("default", False)] / by[("dense", False)], 3)}
+    pairs = {"default continuous / static": (("default", True), ("default", False)),
+             "dense continuous / static": (("dense", True), ("dense", False)),
+             "default / dense (continuous)": (("default", True), ("dense", True)),
+             "default / dense (static)": (("default", False), ("dense", False))}
+    result["mix"]["ratios"] = {name: round(by[a] / by[b], 3) for name, (a, b) in pairs.items() if a in by and b in by}
     save()
     print(json.dumps(result["mix"]["ratios"]), flush=True)
 
