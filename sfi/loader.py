@@ -18,13 +18,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from .errors import ModelError
-from .model import ModelArgs, Transformer
+from .model import SUPPORTED_FAMILIES, ModelArgs, Transformer
 from .rope import inv_freq_for
+from .tokenizer import Tokenizer, TokenizerError
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -36,7 +38,7 @@ class LoadedModel:
     path: Path  # the directory the weights came from
     args: ModelArgs
     model: Transformer
-    tokenizer: Any
+    tokenizer: Tokenizer
     eos_ids: frozenset[int]
     max_context: int
     load_s: float
@@ -302,12 +304,37 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
     return model.eval()
 
 
-def load_tokenizer(spec: str | None) -> Any:
+def load_tokenizer(spec: str | None) -> Tokenizer:
     """Only the tokenizer of a model spec (any form `load_model` takes)."""
-    from transformers import AutoTokenizer
-
     _, folder = resolve_model_dir(spec)
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return _tokenizer(folder)
+
+
+def _tokenizer(folder: Path) -> Tokenizer:
+    try:
+        return Tokenizer(folder)
+    except TokenizerError as e:
+        raise ModelError(str(e)) from None
+
+
+REQUIRED_CONFIG = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "rms_norm_eps", "max_position_embeddings")
+
+
+def read_config(folder: Path) -> SimpleNamespace:
+    """config.json's fields as attributes (what `ModelArgs.from_hf_config` reads), without transformers' config
+    classes: importing them is most of a run's start on some machines (sfi.tokenizer)."""
+    path = folder / "config.json"
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} cannot be read: {e}") from None
+    if not isinstance(fields, dict):
+        raise ModelError(f"{path} is not a JSON object")
+    missing = [k for k in REQUIRED_CONFIG if fields.get(k) is None]
+    if missing and fields.get("model_type") in SUPPORTED_FAMILIES:  # others: ModelArgs names what is supported
+        raise ModelError(f"{path} lacks {', '.join(missing)}")
+    return SimpleNamespace(**fields)
 
 
 def load_model(spec: str | None, device: str = "auto", dtype: str = "auto",
@@ -316,18 +343,10 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto",
     prompts meanwhile, and `LoadedModel.wait()` must be called before the model runs."""
     start = time.perf_counter()
     name, folder = resolve_model_dir(spec, progress)
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"config.json in {folder} cannot be read: {e}") from None
+    config = read_config(folder)
     args = ModelArgs.from_hf_config(config)
     dev = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"tokenizer files in {folder} cannot be read: {e}") from None
+    tokenizer = _tokenizer(folder)
     model = build_model(args, dev, resolve_dtype(dtype, dev))
     lm = LoadedModel(name=name, path=folder, args=args, model=model, tokenizer=tokenizer,
                      eos_ids=_eos_ids(folder, config, tokenizer), max_context=args.max_position_embeddings,

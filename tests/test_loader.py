@@ -74,7 +74,8 @@ def test_pickle_with_code_is_refused(qwen2_dir, tmp_path):
     folder = tmp_path / "evil"
     folder.mkdir()
     torch.save({"x": Evil()}, folder / "pytorch_model.bin")
-    (folder / "config.json").write_bytes((qwen2_dir / "config.json").read_bytes())
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((qwen2_dir / f).read_bytes())
     with pytest.raises(ModelError, match="pytorch_model.bin refused: this file would run code") as err:
         load_model(str(folder), device="cpu")
     assert "weights_only=False" not in str(err.value)  # torch's hint to turn the check off is not passed on

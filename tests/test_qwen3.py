@@ -7,19 +7,19 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from sfi.jobs import parse_jobs
 from sfi.method.boundary import vocabulary
 from sfi.prompts import PromptError, render, render_many
 from sfi.qwen3_tokenizer import qwen3_tokenizer_dir
+from sfi.tokenizer import Tokenizer
 from sfi.tools.bench import write_checkpoint
 from sfi_cli.main import main
 
 
 @pytest.fixture(scope="module")
 def qwen3():
-    return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    return Tokenizer(qwen3_tokenizer_dir())  # what `sfi run` uses (tests/test_tokenizer.py: as transformers')
 
 
 def ids(tok, *texts):

@@ -75,7 +75,7 @@ def test_step_refresh_writes_what_the_selector_picks(params, pooled):
     for layer in range(layers):
         step.before_attention(layer)
         cap = step.capture(layer)  # what the attention kernel would write for each slot
-        for s, (row, lo, hi) in enumerate(slots):
+        for s, (_, lo, hi) in enumerate(slots):
             z = torch.randn(hq, hi - lo, generator=g) * 3
             cap.z[s, :, : hi - lo] = z
             logits[layer, s] = z
