@@ -279,7 +279,7 @@ class Attention(nn.Module):
         kc, vc = cache.k[self.layer, step.row, :, base:], cache.v[self.layer, step.row, :, base:]  # [Hkv, S', D]
         kc[:, step.start:end] = k[0]
         vc[:, step.start:end] = v[0]
-        cache.kn[self.layer, step.row, :, base + step.start:base + end] = k[0].float().norm(dim=-1)
+        cache.kn[self.layer, step.row, :, base + step.start:base + end] = key_norms(k[0])
         keys, values = kc[None, :, :end], vc[None, :, :end]  # [1, Hkv, end, D]
         if step.start == 0:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
@@ -309,6 +309,11 @@ class Attention(nn.Module):
                                                            step.write_at, cache.kn[self.layer])
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return _linear(self.wo, out.reshape(b, 1, -1))
+
+
+def key_norms(k: torch.Tensor) -> torch.Tensor:
+    """Keys [..., D] -> their float32 L2 norms [...], as the cache keeps them beside the keys (sfi.cache)."""
+    return torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
 
 
 class MLP(nn.Module):
@@ -444,7 +449,7 @@ class Transformer(nn.Module):
                 q_all[:, :, s:e] = q
                 kc[:, s:e] = k[0]
                 vc[:, s:e] = v[0]
-                cache.kn[att.layer, row, :, base + s:base + e] = k[0].float().norm(dim=-1)
+                cache.kn[att.layer, row, :, base + s:base + e] = key_norms(k[0])
             out = F.scaled_dot_product_attention(q_all, kc[None, :, :t], vc[None, :, :t], is_causal=True,
                                                  scale=att.scale, enable_gqa=True)  # [1, Hq, T, D]
             if bootstrap is not None:  # q_all is rewritten by the next layer
