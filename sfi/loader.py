@@ -38,7 +38,7 @@ class LoadedModel:
     path: Path  # the directory the weights came from
     args: ModelArgs
     model: Transformer
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | Any  # Any: transformers' tokenizer, for folders without tokenizer.json
     eos_ids: frozenset[int]
     max_context: int
     load_s: float
@@ -304,13 +304,23 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
     return model.eval()
 
 
-def load_tokenizer(spec: str | None) -> Tokenizer:
+def load_tokenizer(spec: str | None) -> Tokenizer | Any:
     """Only the tokenizer of a model spec (any form `load_model` takes)."""
     _, folder = resolve_model_dir(spec)
     return _tokenizer(folder)
 
 
-def _tokenizer(folder: Path) -> Tokenizer:
+def _tokenizer(folder: Path) -> Tokenizer | Any:
+    """Our reader of tokenizer.json; a folder with only slow tokenizer files (vocab + merges, sentencepiece) goes
+    through transformers, which converts them (and costs its import)."""
+    if not (folder / "tokenizer.json").is_file() and any(
+            (folder / f).is_file() for f in ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"tokenizer files in {folder} cannot be read: {e}") from None
     try:
         return Tokenizer(folder)
     except TokenizerError as e:

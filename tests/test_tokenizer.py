@@ -103,3 +103,20 @@ def test_a_config_missing_a_field_names_it(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match="not a JSON object"):
         read_config(tmp_path)
+
+
+def test_a_folder_with_only_slow_tokenizer_files_still_loads(tmp_path):
+    """No tokenizer.json, only vocab.json + merges.txt: transformers converts them (the one path that imports it)."""
+    from sfi.loader import load_tokenizer
+
+    tiny.tokenizer().backend_tokenizer.model.save(str(tmp_path))  # vocab.json, merges.txt
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                                "eos_token": "<|im_end|>"}))
+    tiny.config("qwen3").save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert not isinstance(tok, Tokenizer)
+    assert tok("Hello world. The fox.")["input_ids"] == tiny.tokenizer()("Hello world. The fox.")["input_ids"]
+    (tmp_path / "vocab.json").unlink()
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(ModelError, match="tokenizer.json does not exist"):
+        load_tokenizer(str(tmp_path))
