@@ -60,7 +60,7 @@ def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_ca
     cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # [B, 1, D]
     q, k = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
     at = positions if write_at is None else write_at
-    norms = k.float().norm(dim=-1)  # [B, Hkv]
+    norms = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32) if key_norms is not None else None  # [B, Hkv]
     if k_cache.stride(0) == 0:  # every row is one pool (sfi.cache): write into it once
         k_cache[0][:, at], v_cache[0][:, at] = k.transpose(0, 1), v.transpose(0, 1)
         if key_norms is not None:
