@@ -15,6 +15,8 @@ run_stage() {
     micro-quick) python3 bench/gpu_micro.py "$OUT/micro.json" quick ;;
     micro-capture) python3 bench/gpu_micro.py "$OUT/micro-capture.json" capture ;;
     profile) python3 bench/gpu_profile.py "$OUT/profile.json" ;;
+    prefill-profile) python3 bench/gpu_prefill_profile.py "$OUT/prefill-profile.json" ;;
+    prefill-check) python3 bench/gpu_prefill_check.py "$OUT/prefill-check.json" ;;
     profile-slow) python3 bench/gpu_profile.py "$OUT/profile-slow.json" slow ;;
     refresh-profile) python3 bench/gpu_refresh_profile.py "$OUT/refresh-profile.json" ;;
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py tests/test_fused_kernels.py \
@@ -23,6 +25,8 @@ run_stage() {
     load-profile) python3 bench/gpu_load_profile.py "$OUT/load-profile.json" /root/q4b ;;
     # The GPU-only tests alone (native bf16 tiles, pinned weight copies): seconds instead of the whole kernel stage.
     tests-gpu-only) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py -k "awkward and True" &&
+                    python3 -m pytest -q -x -p no:cacheprovider tests/test_model.py -k "split or grouped_chunk" \
+                      tests/test_fused_kernels.py &&
                     python3 -m pytest -q -x -p no:cacheprovider \
                       tests/test_loader.py::test_staged_copies_to_a_gpu_load_the_same_weights ;;
     capture-smoke) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke ;;

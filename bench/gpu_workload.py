@@ -86,8 +86,7 @@ def main() -> None:
 
     from sfi import model as model_module
     if torch.cuda.is_available():
-        result["flash_grouped_chunks"] = model_module._flash_reads_grouped_kv(torch.device("cuda", 0), torch.bfloat16,
-                                                                              128)
+        result["chunk_attention"] = model_module._chunk_path(torch.device("cuda", 0), torch.bfloat16, 128)
     if "prefix" not in skip:
         result["shared_prefix"] = shared_prefix(once, ask, len(tok.encode(doc)), answer, "profile" not in skip)
         save()

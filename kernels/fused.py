@@ -6,8 +6,9 @@
   h rounded to x's dtype before its statistics, as the two separate ops round.
 - `silu_mul`: the gated MLP's SiLU(gate) * up from the fused gate|up projection [M, 2I] -> [M, I], with
   the rounding of `F.silu(gate) * up`.
-- `decode_qkv`: one decode token per row: from the fused QKV projection [B, (Hq + 2 Hkv) D], apply the
-  optional per-head q/k RMSNorm (Qwen3) and the rotary embedding at each row's position, write K and V
+- `decode_qkv`: B tokens, each with its own cache row and position (one per row in a decode step; a prefill
+  chunk's tokens of one or several rows): from the fused QKV projection [B, (Hq + 2 Hkv) D], apply the
+  optional per-head q/k RMSNorm (Qwen3) and the rotary embedding at each token's position, write K and V
   into the cache at (rows[b], write_at[b]) (default: positions[b]; a pooled cache's row starts elsewhere), and
   with `key_norms` [Bc, Hkv, S] float32 each written key's L2 norm beside it, and return q [B, Hq, D]. One
   launch instead of about twenty small ones per layer.
@@ -52,7 +53,7 @@ def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
                    n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None,
-                   key_norms: torch.Tensor | None = None) -> torch.Tensor:
+                   key_norms: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     b, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.view(b, n_heads + 2 * n_kv_heads, d).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
     if q_norm is not None:
@@ -70,7 +71,7 @@ def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_ca
         v_cache[rows, :, at] = v
         if key_norms is not None:
             key_norms[rows, :, at] = norms
-    return q
+    return q if out is None else out.copy_(q)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -218,18 +219,22 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
                n_heads: int, n_kv_heads: int, write_at: torch.Tensor | None = None,
-               key_norms: torch.Tensor | None = None) -> torch.Tensor:
+               key_norms: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring. qkv [B, (Hq + 2 Hkv) D]; cos/sin tables [S, D]; caches [Bc, Hkv, S, D]
-    (one layer), key_norms [Bc, Hkv, S] (unit stride along S); rows, positions, write_at [B] -> q [B, Hq, D]."""
+    (one layer), key_norms [Bc, Hkv, S] (unit stride along S); rows, positions, write_at [B] -> q [B, Hq, D]
+    (written into `out` if given: [B, Hq, D], unit stride within a row)."""
     d = k_cache.shape[-1]
     if not _use_triton(qkv) or d & (d - 1) or qkv.stride(-1) != 1:
         return decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache, rows, positions,
-                              n_heads, n_kv_heads, write_at, key_norms)
+                              n_heads, n_kv_heads, write_at, key_norms, out)
     if key_norms is not None and (key_norms.dtype != torch.float32 or key_norms.stride(-1) != 1):
         raise ValueError(f"key_norms must be float32 with unit stride along positions, got {key_norms.dtype} "
                          f"strides {key_norms.stride()}")
     b = qkv.shape[0]
-    q = torch.empty(b, n_heads, d, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(b, n_heads, d, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    if q.shape != (b, n_heads, d) or q.stride(2) != 1 or q.stride(1) != d:
+        raise ValueError(f"out must be [{b}, {n_heads}, {d}] with unit stride within a row, got {tuple(q.shape)} "
+                         f"strides {q.stride()}")
     has_norm = q_norm is not None
     _decode_qkv_kernel[(b, n_heads + n_kv_heads)](
         qkv, q_norm if has_norm else qkv, k_norm if has_norm else qkv, cos_table, sin_table, k_cache, v_cache,

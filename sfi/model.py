@@ -34,7 +34,7 @@ from sfi_kernels import (
 from . import attention
 from .cache import KVCache
 from .errors import ModelError
-from .rope import apply_rope, inv_freq_for, rope_table
+from .rope import inv_freq_for, rope_table
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -128,6 +128,33 @@ class PrefillStep:
 
 
 @dataclass
+class TokenIndex:
+    """Per token of a prefill forward [N] (device tensors): its cache row, its position in the row, and where its
+    key goes in the layer's cache view (position + the row's base: a pool's segment starts elsewhere)."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    write_at: torch.Tensor
+
+    @classmethod
+    def of(cls, spans: Sequence[tuple[int, int, int]], cache: KVCache, device: torch.device) -> TokenIndex:
+        """(row, start, length) spans, one after the other."""
+        pos = torch.cat([torch.arange(start, start + n) for _, start, n in spans])
+        rows = torch.cat([torch.full((n,), row) for row, _, n in spans])
+        base = torch.cat([torch.full((n,), cache.base[row]) for row, _, n in spans])
+        rows, pos, at = torch.stack([rows, pos, pos + base]).to(device, non_blocking=True)
+        return cls(rows, pos, at)
+
+
+@dataclass
+class PrefillChunks:
+    """One prefill forward: the chunks `steps`, one after the other, and where each of their tokens goes."""
+
+    steps: Sequence[PrefillStep]
+    where: TokenIndex
+
+
+@dataclass
 class DecodeStep:
     """One new token for each of the rows `rows` [B] (cache row indices), at `positions` [B].
 
@@ -211,27 +238,60 @@ def _flash_grouped(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sc
     return torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, True, False, scale=scale)[0]
 
 
+def _cudnn_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's fused attention (grouped K/V read in place; `causal` aligned to the top left, so for a square
+    problem only) -> (out [B, Hq, T, D], log-sum-exp of each query's scaled scores [B, Hq, T, 1] float32)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, keys, values, None, True, 0.0, causal, False,
+                                                                   scale=scale)[:2]
+    return out, lse.reshape(*q.shape[:3], 1)
+
+
+def _split_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """A chunk's bottom-right causal attention as two cuDNN passes, the keys before the chunk (no mask) and the
+    chunk's own keys (causal, square), merged by their log-sum-exps: out = sum_i exp(lse_i - lse) out_i."""
+    start = keys.shape[2] - q.shape[2]
+    o1, l1 = _cudnn_with_lse(q, keys[:, :, :start], values[:, :, :start], False, scale)
+    o2, l2 = _cudnn_with_lse(q, keys[:, :, start:], values[:, :, start:], True, scale)
+    lse = torch.logaddexp(l1, l2)
+    return (o1.float() * (l1 - lse).exp() + o2.float() * (l2 - lse).exp()).to(q.dtype)
+
+
 @functools.cache
-def _flash_reads_grouped_kv(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the flash op here takes K/V with fewer heads than Q, causal aligned to the bottom right, and agrees
-    with the expanded form: checked once per device, dtype and head size on a small random problem."""
+def _chunk_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Which fused path serves a prefill chunk's grouped attention here ('split': cuDNN twice; 'flash': the flash
+    op; 'expanded': neither agrees with the expanded form), checked once per device, dtype and head size on a small
+    random problem laid out as the cache lays it out (keys a slice of a longer row)."""
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, h, n, head_dim, device=device, dtype=dtype, generator=g)
-               for h, n in ((8, 24), (2, 80), (2, 80)))
+    q = torch.randn(1, 8, 24, head_dim, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(1, 2, 120, head_dim, device=device, dtype=dtype, generator=g)[:, :, :80] for _ in range(2))
     scale = head_dim ** -0.5
-    try:
-        out = _flash_grouped(q, k, v, scale)
-    except RuntimeError:
-        return False
-    return bool(torch.allclose(out.float(), _expanded_chunk_attention(q, k, v, scale).float(), rtol=2e-2, atol=2e-2))
+    want = _expanded_chunk_attention(q, k, v, scale).float()
+    for name, fn in (("split", _split_chunk_attention), ("flash", _flash_grouped)):
+        try:
+            if torch.allclose(fn(q, k, v, scale).float(), want, rtol=2e-2, atol=2e-2):
+                return name
+        except RuntimeError:
+            pass
+    return "expanded"
+
+
+# Below this many queries a chunk goes to the flash op, whose split-KV kernel spreads a few queries over a long
+# cache across the GPU; cuDNN gives each block of 64 queries and head one program.
+SPLIT_MIN_QUERIES = 512
 
 
 def _grouped_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """A prefill chunk's attention on a GPU: q [1, Hq, T, D] over keys/values [1, Hkv, S, D] (S >= T, the chunk's
+    """A prefill chunk's attention on a GPU: q [1, Hq, T, D] over keys/values [1, Hkv, S, D] (S > T, the chunk's
     keys last), causal aligned to the bottom right. SDPA routes this mask to flash attention only with as many K/V
-    heads as query heads, which would mean copying the row's whole cache G times per chunk per layer. The flash op
-    itself reads grouped K/V in place (its causal mask is bottom-right aligned when T < S) where it does here."""
-    if _flash_reads_grouped_kv(q.device, q.dtype, q.shape[-1]):
+    heads as query heads, which would mean copying the row's whole cache G times per chunk per layer. cuDNN reads
+    grouped K/V in place but aligns its causal mask to the top left: two passes merged (`_split_chunk_attention`;
+    H200, 2,048 queries over 32k keys: 675 against 348 TFLOP/s for the flash op in a whole prompt). The flash op
+    reads grouped K/V in place with the mask bottom-right aligned when T < S."""
+    path = _chunk_path(q.device, q.dtype, q.shape[-1])
+    if path == "split" and q.shape[2] >= SPLIT_MIN_QUERIES:
+        return _split_chunk_attention(q, keys, values, scale)
+    if path != "expanded":
         return _flash_grouped(q, keys, values, scale)
     return _expanded_chunk_attention(q, keys, values, scale)
 
@@ -248,39 +308,36 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_eps) if args.qk_norm else None
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        b, t, _ = x.shape
-        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    def qkv_into_cache(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       where: TokenIndex | DecodeStep, q_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens x [N, H] (any rows and positions): q/k norms and rotary at each token's position (cos, sin: the
+        whole tables), K, V and each key's norm written into the cache; returns q [N, Hq, D] (into q_out if given).
+        The decode step's fused kernel on a GPU, its reference on a CPU (the same ops as the model's)."""
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        return (decode_qkv if x.is_cuda else decode_qkv_ref)(
+            _linear(self.wqkv, x), qn, kn, eps, cos, sin, cache.k[self.layer], cache.v[self.layer], where.rows,
+            where.positions, self.n_heads, self.n_kv_heads, where.write_at, cache.kn[self.layer], out=q_out)
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                steps: Sequence[PrefillStep]) -> torch.Tensor:
-        """x [1, N, H]: the chunks of `steps`' rows one after the other (N their lengths summed), cos/sin [N, D] at
-        their positions. Projections over all N tokens at once; attention row by row, each over its own cache."""
-        q, k, v = self._qkv(x, cos, sin)  # q [1, Hq, N, D], k/v [1, Hkv, N, D]
+                chunks: PrefillChunks) -> torch.Tensor:
+        """x [1, N, H]: the chunks of `chunks.steps`' rows one after the other (N their lengths summed), cos/sin the
+        whole rotary tables. Projections over all N tokens at once; attention row by row, each over its own cache."""
+        q = self.qkv_into_cache(x[0], cos, sin, cache, chunks.where)  # [N, Hq, D]
         outs, first = [], 0
-        for step in steps:
+        for step in chunks.steps:
             rows = slice(first, first + step.length)
             first += step.length
-            outs.append(self._attend_chunk(q[:, :, rows], k[:, :, rows], v[:, :, rows], cache, step))
+            outs.append(self._attend_chunk(q[rows].transpose(0, 1)[None], cache, step))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return self.wo(out.transpose(1, 2).reshape(1, first, -1))
 
-    def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                      step: PrefillStep) -> torch.Tensor:
-        """One row's chunk: write its K/V into the row's cache, attend (causal) over the row up to itself."""
+    def _attend_chunk(self, q: torch.Tensor, cache: KVCache, step: PrefillStep) -> torch.Tensor:
+        """One row's chunk, its keys already in the cache: attend (causal) over the row up to itself."""
         end = step.start + step.length
         base = cache.base[step.row]
-        kc, vc = cache.k[self.layer, step.row, :, base:], cache.v[self.layer, step.row, :, base:]  # [Hkv, S', D]
-        kc[:, step.start:end] = k[0]
-        vc[:, step.start:end] = v[0]
-        cache.kn[self.layer, step.row, :, base + step.start:base + end] = key_norms(k[0])
-        keys, values = kc[None, :, :end], vc[None, :, :end]  # [1, Hkv, end, D]
+        keys = cache.k[self.layer, step.row, None, :, base:base + end]  # [1, Hkv, end, D]
+        values = cache.v[self.layer, step.row, None, :, base:base + end]
         if step.start == 0:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
@@ -293,27 +350,15 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(step.length, end),
                                                      scale=self.scale, enable_gqa=True)
         if step.bootstrap is not None:  # the last W queries, for the bootstrap after the last layer
-            step.queries.append(q[0, :, -step.bootstrap.batch_index:].clone())
+            step.queries.append(q[0, :, -step.bootstrap.batch_index:].clone(memory_format=torch.contiguous_format))
         return out  # [1, Hq, T, D]
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                step: DecodeStep) -> torch.Tensor:
         b = x.shape[0]
-        kc, vc = cache.k[self.layer], cache.v[self.layer]  # [Bc, Hkv, S, D]
-        # q/k norm, rotary at each row's position (cos, sin are the whole tables) and the cache write: one
-        # launch on a GPU, the kernel's reference on a CPU.
-        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-        eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        q = (decode_qkv if x.is_cuda else decode_qkv_ref)(_linear(self.wqkv, x[:, 0]), qn, kn, eps, cos, sin, kc, vc,
-                                                           step.rows, step.positions, self.n_heads, self.n_kv_heads,
-                                                           step.write_at, cache.kn[self.layer])
+        q = self.qkv_into_cache(x[:, 0], cos, sin, cache, step)  # [B, Hq, D]; cos, sin: the whole tables
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return _linear(self.wo, out.reshape(b, 1, -1))
-
-
-def key_norms(k: torch.Tensor) -> torch.Tensor:
-    """Keys [..., D] -> their float32 L2 norms [...], as the cache keeps them beside the keys (sfi.cache)."""
-    return torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
 
 
 class MLP(nn.Module):
@@ -336,7 +381,7 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                step: Sequence[PrefillStep] | DecodeStep) -> torch.Tensor:
+                step: PrefillChunks | DecodeStep) -> torch.Tensor:
         attend = self.attention.decode if isinstance(step, DecodeStep) else self.attention.prefill
         h = x + attend(self.attention_norm(x), cos, sin, cache, step)
         return h + self.mlp(self.ffn_norm(h))
@@ -408,15 +453,10 @@ class Transformer(nn.Module):
         each have a short chunk left (questions after a shared document) cost about one row's launches. Returns
         float32 logits [rows, V] of each row's last position ([sum T_i, V] with all_logits); the same as `prefill`
         row by row."""
-        if len(steps) == 1:
-            s = steps[0]
-            cos, sin = self.rope_cos[s.start:s.start + s.length], self.rope_sin[s.start:s.start + s.length]
-        else:
-            at = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in steps])
-            cos, sin = self.rope_cos[at], self.rope_sin[at]  # [N, D]
+        chunks = PrefillChunks(steps, TokenIndex.of([(s.row, s.start, s.length) for s in steps], cache, self.device))
         h = self.tok_embeddings((tokens[0] if len(tokens) == 1 else torch.cat(list(tokens)))[None])  # [1, N, H]
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, steps)
+            h = layer(h, self.rope_cos, self.rope_sin, cache, chunks)
         for s in steps:
             if s.bootstrap is not None:
                 attention.bootstrap(s.queries, cache, s.start + s.length, s.bootstrap, s.refresh,
@@ -435,25 +475,22 @@ class Transformer(nn.Module):
         returns the last position's float32 logits [V]."""
         t = tokens.shape[0]
         a = self.args
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         h = self.tok_embeddings(tokens[None])  # [1, T, H]
-        q_all = torch.empty(1, a.n_heads, t, a.head_dim, dtype=h.dtype, device=h.device)
+        q_all = torch.empty(t, a.n_heads, a.head_dim, dtype=h.dtype, device=h.device)
         bounds = [(s, min(t, s + chunk)) for s in range(0, t, chunk)]
+        where = [TokenIndex.of([(row, s, e - s)], cache, self.device) for s, e in bounds]
         queries: list[torch.Tensor] = []
         for block in self.layers:
             att = block.attention
             base = cache.base[row]
-            kc, vc = cache.k[att.layer, row, :, base:], cache.v[att.layer, row, :, base:]  # [Hkv, S', D]
-            for s, e in bounds:
-                q, k, v = att._qkv(block.attention_norm(h[:, s:e]), cos[s:e], sin[s:e])
-                q_all[:, :, s:e] = q
-                kc[:, s:e] = k[0]
-                vc[:, s:e] = v[0]
-                cache.kn[att.layer, row, :, base + s:base + e] = key_norms(k[0])
-            out = F.scaled_dot_product_attention(q_all, kc[None, :, :t], vc[None, :, :t], is_causal=True,
+            for (s, e), w in zip(bounds, where, strict=True):
+                att.qkv_into_cache(block.attention_norm(h[0, s:e]), self.rope_cos, self.rope_sin, cache, w, q_all[s:e])
+            q = q_all.transpose(0, 1)[None]  # [1, Hq, T, D]
+            out = F.scaled_dot_product_attention(q, cache.k[att.layer, row, None, :, base:base + t],
+                                                 cache.v[att.layer, row, None, :, base:base + t], is_causal=True,
                                                  scale=att.scale, enable_gqa=True)  # [1, Hq, T, D]
             if bootstrap is not None:  # q_all is rewritten by the next layer
-                queries.append(q_all[0, :, -bootstrap.batch_index:].clone())
+                queries.append(q[0, :, -bootstrap.batch_index:].clone(memory_format=torch.contiguous_format))
             for s, e in bounds:
                 x = h[:, s:e] + att.wo(out[:, :, s:e].transpose(1, 2).reshape(1, e - s, -1))
                 h[:, s:e] = x + block.mlp(block.ffn_norm(x))

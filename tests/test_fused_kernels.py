@@ -105,3 +105,26 @@ def test_silu_mul(m, n, dtype):
     torch.testing.assert_close(y, y_ref, **(dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else BF16_ULP))
     with pytest.raises(ValueError, match="even"):
         silu_mul(gu[..., :-1])
+
+
+def test_decode_qkv_into_out_and_for_a_prefill_chunk():
+    """A prefill chunk's tokens (one row, consecutive positions) through the decode kernel: q lands in a slice of a
+    larger buffer (the layer-major prefill's), the same as the reference's; an out of the wrong shape is refused."""
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, t, s = 4, 2, 64, 9, 32
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEVICE)
+    angles = torch.arange(s)[:, None] * torch.rand(d // 2, generator=g)[None]
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(DEVICE) for f in (torch.cos, torch.sin))
+    rows = torch.full((t,), 1, device=DEVICE)
+    positions = torch.arange(10, 10 + t, device=DEVICE)
+    kc = [torch.full((2, hkv, s, d), float("nan"), device=DEVICE) for _ in range(4)]
+    buf = torch.full((20, hq, d), float("nan"), device=DEVICE)
+    got = decode_qkv(qkv, None, None, 0.0, cos, sin, kc[0], kc[1], rows, positions, hq, hkv, out=buf[5:5 + t])
+    want = decode_qkv_ref(qkv, None, None, 0.0, cos, sin, kc[2], kc[3], rows, positions, hq, hkv)
+    assert got.data_ptr() == buf[5].data_ptr()
+    torch.testing.assert_close(buf[5:5 + t], want, rtol=1e-5, atol=1e-5)
+    assert buf[:5].isnan().all() and buf[5 + t:].isnan().all()
+    torch.testing.assert_close(kc[0][1, :, 10:10 + t], kc[2][1, :, 10:10 + t], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out must be"):  # rows of q not contiguous
+        decode_qkv(qkv, None, None, 0.0, cos, sin, kc[0], kc[1], rows, positions, hq, hkv,
+                   out=torch.empty(t, hq, 2 * d, device=DEVICE)[..., :d])

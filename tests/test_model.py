@@ -156,8 +156,9 @@ def test_bootstrap_layer_groups_do_not_change_captures(tmp_path, monkeypatch):
 
 
 def test_grouped_chunk_attention_equals_sdpa_with_grouped_heads():
-    """The GPU's chunk attention (flash reading grouped K/V in place where this device's flash op takes them,
-    else K/V expanded per query head) = SDPA with grouped heads and a bottom-right causal mask; here on the CPU."""
+    """The GPU's chunk attention (cuDNN twice or flash reading grouped K/V in place where this device's ops take
+    them, else K/V expanded per query head) = SDPA with grouped heads and a bottom-right causal mask; here on the
+    CPU (the expanded form)."""
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
 
@@ -167,3 +168,55 @@ def test_grouped_chunk_attention_equals_sdpa_with_grouped_heads():
     q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((8, 7), (2, 50), (2, 50)))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(7, 50), scale=0.25, enable_gqa=True)
     torch.testing.assert_close(_grouped_chunk_attention(q, k, v, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
+def _attention_with_lse(q, keys, values, causal, scale):
+    """Reference for cuDNN's op: grouped heads expanded, scores in float32, causal aligned to the top left."""
+    g = q.shape[1] // keys.shape[1]
+    k, v = keys.repeat_interleave(g, 1).float(), values.repeat_interleave(g, 1).float()
+    scores = q.float() @ k.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1, keepdim=True)
+    return ((scores - lse).exp() @ v).to(q.dtype), lse
+
+
+@pytest.mark.parametrize("t,start", [(7, 43), (32, 1), (40, 200)])
+def test_split_chunk_attention_merges_two_passes_into_the_bottom_right_mask(monkeypatch, t, start):
+    """The chunk's attention as the keys before it (no mask) plus its own keys (causal, square), merged by
+    log-sum-exp: equal to one bottom-right causal pass. cuDNN stood in for by a reference with the op's contract
+    (a GPU test checks cuDNN itself)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from sfi import model as model_module
+
+    monkeypatch.setattr(model_module, "_cudnn_with_lse", _attention_with_lse)
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(1, 8, t, 16, generator=g)
+    k, v = (torch.randn(1, 2, start + t + 5, 16, generator=g)[:, :, :start + t] for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, start + t), scale=0.25,
+                                          enable_gqa=True)
+    torch.testing.assert_close(model_module._split_chunk_attention(q, k, v, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention is the GPU's")
+@pytest.mark.parametrize("t,start", [(600, 1337), (2048, 30000), (512, 8)])
+def test_split_chunk_attention_with_cudnn_on_the_gpu(t, start):
+    """cuDNN's two passes merged against the expanded bottom-right causal SDPA (float32 math), bf16, head size 128,
+    keys a slice of a longer cache row; and this GPU's chunks take that path."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from sfi import model as model_module
+
+    dev = torch.device("cuda")
+    assert model_module._chunk_path(dev, torch.bfloat16, 128) == "split"
+    g = torch.Generator(device=dev).manual_seed(t)
+    q = torch.randn(1, 32, t, 128, device=dev, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 8, start + t + 64, 128, device=dev, dtype=torch.bfloat16, generator=g)[:, :, :start + t]
+            for _ in range(2))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_lower_right(t, start + t),
+                                          scale=128 ** -0.5, enable_gqa=True)
+    got = model_module._grouped_chunk_attention(q, k, v, 128 ** -0.5)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -38,6 +38,9 @@ def test_plain_decoder_matches_our_dense_decoder(qk_norm):
     tokens, logits, _ = _ours(model, prompts, new)
     # The same prompts prefilled into a fresh cache by our prefill; the baseline decodes from there.
     cache = model.new_cache(len(prompts), 40 + new)
+    # A fresh cache is uninitialised memory: positions not written yet may hold NaN (they did, once, in a test run).
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
     firsts = [int(prefill_row(model, cache, r, torch.tensor(p), 64).argmax()) for r, p in enumerate(prompts)]
     assert firsts == [t[0] for t in tokens]
     dec = PlainDecoder(model, cache, firsts, [40] * 3)

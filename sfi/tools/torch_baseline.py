@@ -35,6 +35,10 @@ class PlainDecoder:
         self.tokens = torch.tensor(list(first_tokens), dtype=torch.long, device=dev)
         self.positions = torch.tensor(list(lengths), dtype=torch.long, device=dev)  # where each token goes
         self.rows = torch.arange(len(self.tokens), device=dev)
+        # Attention multiplies the whole cache's V by the probabilities, zero past each row's tokens: positions not
+        # written yet must hold finite values (a fresh cache is uninitialised memory, where 0 * NaN is NaN).
+        for r, n in enumerate(lengths):
+            cache.v[:, r, :, n:] = 0
         self.keys = torch.arange(cache.max_len, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = cuda_graph and dev.type == "cuda"
