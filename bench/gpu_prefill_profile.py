@@ -129,6 +129,19 @@ def gemms(model, dev) -> dict:
     return out
 
 
+def plan_cost(a, dev) -> list[dict]:
+    """cuDNN's first call at a shape new to the process (it builds an execution plan) against the second."""
+    out = []
+    for t_q, t_k in ((1000, 9000), (3000, 3000), (1024, 8192), (5120, 5120)):
+        q = torch.randn(1, a.n_heads, t_q, a.head_dim, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, a.n_kv_heads, t_k, a.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        run = functools.partial(model_module._cudnn_with_lse, q, k, v, t_q == t_k, a.head_dim ** -0.5)
+        first, second = sync_time(run), sync_time(run)
+        out.append({"queries": t_q, "keys": t_k, "first_ms": 1e3 * first, "second_ms": 1e3 * second})
+        print("cudnn plan", out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     dev = torch.device("cpu" if SMOKE else "cuda")
     model = random_model("qwen3-tiny" if SMOKE else "qwen3-4b", CTX + 64, dev, torch.bfloat16)
@@ -147,12 +160,12 @@ def main() -> None:
     result["model_flops_32k"] = {"matmul": matmul_flops, "attention": attn_flops}
     prefill(model, rt, CTX // 8, None)  # compile and warm
     prefill(model, rt, CTX // 8, CHUNK)
-    split_min = model_module.SPLIT_MIN_QUERIES
+    block = model_module.CUDNN_BLOCK
     for name, runtime_for, budget in (("whole_sfi", rt, None), ("chunked_sfi", rt, CHUNK),
                                       ("chunked_sfi_flash_op", rt, CHUNK),
                                       ("whole_dense", dense, None), ("chunked_dense", dense, CHUNK)):
-        # the chunks' attention through the flash op instead of the two cuDNN passes: the A/B of the change
-        model_module.SPLIT_MIN_QUERIES = 10**9 if name.endswith("flash_op") else split_min
+        # every attention pass through the flash op instead of cuDNN: the A/B of the change
+        model_module.CUDNN_BLOCK = 10**9 if name.endswith("flash_op") else block
         run = functools.partial(prefill, model, runtime_for, CTX, budget)
         s, s2 = sync_time(run), sync_time(run)
         prof = profiled(run)
@@ -164,7 +177,9 @@ def main() -> None:
             print(f"   {v:9.1f}  {k}", flush=True)
         if not SMOKE:
             torch.cuda.empty_cache()
-    model_module.SPLIT_MIN_QUERIES = split_min
+    model_module.CUDNN_BLOCK = block
+    if not SMOKE:
+        result["cudnn_plan_cost"] = plan_cost(a, dev)
     result["attention"] = attention_backends(a, dev)
     result["gemm"] = gemms(model, dev)
     with open(sys.argv[1], "w") as f:

@@ -25,7 +25,7 @@ run_stage() {
     load-profile) python3 bench/gpu_load_profile.py "$OUT/load-profile.json" /root/q4b ;;
     # The GPU-only tests alone (native bf16 tiles, pinned weight copies): seconds instead of the whole kernel stage.
     tests-gpu-only) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py -k "awkward and True" &&
-                    python3 -m pytest -q -x -p no:cacheprovider tests/test_model.py -k "split or grouped_chunk" \
+                    python3 -m pytest -q -x -p no:cacheprovider tests/test_model.py -k "split or prefill_attention" \
                       tests/test_fused_kernels.py &&
                     python3 -m pytest -q -x -p no:cacheprovider \
                       tests/test_loader.py::test_staged_copies_to_a_gpu_load_the_same_weights ;;

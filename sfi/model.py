@@ -276,24 +276,48 @@ def _chunk_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     return "expanded"
 
 
-# Below this many queries a chunk goes to the flash op, whose split-KV kernel spreads a few queries over a long
-# cache across the GPU; cuDNN gives each block of 64 queries and head one program.
-SPLIT_MIN_QUERIES = 512
+# cuDNN builds an execution plan for every new shape (about 33 ms each on an H200, paid again by every process), and
+# prompts come in every length: only block multiples go to it, so a run builds a handful of plans (the 2,048-token
+# chunks at their 2,048-aligned starts, whole prompts' leading squares) and reuses them. The remainder goes to the
+# flash op, which needs no plan; so do chunks of fewer queries, whose split-KV kernel spreads them over the GPU.
+CUDNN_BLOCK = 1024
 
 
-def _grouped_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """A prefill chunk's attention on a GPU: q [1, Hq, T, D] over keys/values [1, Hkv, S, D] (S > T, the chunk's
-    keys last), causal aligned to the bottom right. SDPA routes this mask to flash attention only with as many K/V
-    heads as query heads, which would mean copying the row's whole cache G times per chunk per layer. cuDNN reads
-    grouped K/V in place but aligns its causal mask to the top left: two passes merged (`_split_chunk_attention`;
-    H200, 2,048 queries over 32k keys: 675 against 348 TFLOP/s for the flash op in a whole prompt). The flash op
-    reads grouped K/V in place with the mask bottom-right aligned when T < S."""
+def _gpu_prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prefill chunk's attention on a GPU: q [1, Hq, T, D] over keys/values [1, Hkv, S, D] (S >= T, the chunk's
+    keys last, K/V heads grouped), causal aligned to the bottom right. SDPA routes this mask to flash attention only
+    with as many K/V heads as query heads (a copy of the row's cache per query head). cuDNN reads grouped K/V in
+    place but aligns its causal mask to the top left: the chunk's first T0 queries (a multiple of CUDNN_BLOCK) go to
+    it as the square over their own keys (causal) and, after a cached start, the keys before them (no mask), merged
+    by log-sum-exp (`_split_chunk_attention`; H200, 2,048 queries over 32k keys: 1.78 ms against 3.02 for the flash
+    op); the rest through the flash op, which reads grouped K/V in place with the bottom-right mask."""
     path = _chunk_path(q.device, q.dtype, q.shape[-1])
-    if path == "split" and q.shape[2] >= SPLIT_MIN_QUERIES:
-        return _split_chunk_attention(q, keys, values, scale)
-    if path != "expanded":
+    t = q.shape[2]
+    start = keys.shape[2] - t
+    t0 = t // CUDNN_BLOCK * CUDNN_BLOCK if path == "split" and start % CUDNN_BLOCK == 0 else 0
+    if t0 == 0:
+        if path == "expanded":
+            return _expanded_chunk_attention(q, keys, values, scale)
         return _flash_grouped(q, keys, values, scale)
-    return _expanded_chunk_attention(q, keys, values, scale)
+    head_q, head_k, head_v = q[:, :, :t0], keys[:, :, :start + t0], values[:, :, :start + t0]
+    if start == 0:
+        head = _cudnn_with_lse(head_q, head_k, head_v, True, scale)[0]
+    else:
+        head = _split_chunk_attention(head_q, head_k, head_v, scale)
+    if t0 == t:
+        return head
+    return torch.cat([head, _flash_grouped(q[:, :, t0:], keys, values, scale)], dim=2)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prefill chunk's attention: q [1, Hq, T, D] over a row's keys/values [1, Hkv, S, D] up to the chunk's last
+    key (S >= T), each query seeing the keys up to its own position (causal aligned to the bottom right). Fused
+    kernels throughout, no [T, S] score matrix: a 128k prompt needs memory linear in its length."""
+    if q.is_cuda:
+        return _gpu_prefill_attention(q, keys, values, scale)
+    t, s = q.shape[2], keys.shape[2]
+    mask = dict(is_causal=True) if t == s else dict(attn_mask=causal_lower_right(t, s))
+    return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True, **mask)
 
 
 class Attention(nn.Module):
@@ -338,17 +362,7 @@ class Attention(nn.Module):
         base = cache.base[step.row]
         keys = cache.k[self.layer, step.row, None, :, base:base + end]  # [1, Hkv, end, D]
         values = cache.v[self.layer, step.row, None, :, base:base + end]
-        if step.start == 0:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            # Chunk i sees every cached key plus the chunk's own keys up to itself: a causal mask aligned
-            # to the bottom right, which SDPA runs as a fused (flash-style) kernel without materialising
-            # a [T, end] score matrix, so a 128k prompt needs memory linear in its length.
-            if q.is_cuda and self.n_heads != self.n_kv_heads:
-                out = _grouped_chunk_attention(q, keys, values, self.scale)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(step.length, end),
-                                                     scale=self.scale, enable_gqa=True)
+        out = prefill_attention(q, keys, values, self.scale)
         if step.bootstrap is not None:  # the last W queries, for the bootstrap after the last layer
             step.queries.append(q[0, :, -step.bootstrap.batch_index:].clone(memory_format=torch.contiguous_format))
         return out  # [1, Hq, T, D]
@@ -470,9 +484,9 @@ class Transformer(nn.Module):
     def prefill_layer_major(self, tokens: torch.Tensor, cache: KVCache, row: int, chunk: int,
                             bootstrap: Any = None, refresh: Any = None) -> torch.Tensor:
         """The whole prompt tokens [T] of one row, one layer at a time: projections and MLP `chunk` tokens
-        at a time (bounded activations), attention over the whole prompt in one causal SDPA call, which
-        runs as a flash kernel on a GPU (no [T, T] scores, no mask). Same result as chunked `prefill`;
-        returns the last position's float32 logits [V]."""
+        at a time (bounded activations), attention over the whole prompt in one fused causal pass
+        (`prefill_attention`: no [T, T] scores). Same result as chunked `prefill`; returns the last position's
+        float32 logits [V]."""
         t = tokens.shape[0]
         a = self.args
         h = self.tok_embeddings(tokens[None])  # [1, T, H]
@@ -486,9 +500,8 @@ class Transformer(nn.Module):
             for (s, e), w in zip(bounds, where, strict=True):
                 att.qkv_into_cache(block.attention_norm(h[0, s:e]), self.rope_cos, self.rope_sin, cache, w, q_all[s:e])
             q = q_all.transpose(0, 1)[None]  # [1, Hq, T, D]
-            out = F.scaled_dot_product_attention(q, cache.k[att.layer, row, None, :, base:base + t],
-                                                 cache.v[att.layer, row, None, :, base:base + t], is_causal=True,
-                                                 scale=att.scale, enable_gqa=True)  # [1, Hq, T, D]
+            out = prefill_attention(q, cache.k[att.layer, row, None, :, base:base + t],
+                                    cache.v[att.layer, row, None, :, base:base + t], att.scale)  # [1, Hq, T, D]
             if bootstrap is not None:  # q_all is rewritten by the next layer
                 queries.append(q[0, :, -bootstrap.batch_index:].clone(memory_format=torch.contiguous_format))
             for s, e in bounds:

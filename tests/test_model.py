@@ -155,21 +155,6 @@ def test_bootstrap_layer_groups_do_not_change_captures(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.cat([z for _, z in single]), whole[0][1], rtol=0, atol=0)
 
 
-def test_grouped_chunk_attention_equals_sdpa_with_grouped_heads():
-    """The GPU's chunk attention (cuDNN twice or flash reading grouped K/V in place where this device's ops take
-    them, else K/V expanded per query head) = SDPA with grouped heads and a bottom-right causal mask; here on the
-    CPU (the expanded form)."""
-    import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
-
-    from sfi.model import _grouped_chunk_attention
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((8, 7), (2, 50), (2, 50)))
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(7, 50), scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(_grouped_chunk_attention(q, k, v, 0.25), want, rtol=1e-5, atol=1e-5)
-
-
 def _attention_with_lse(q, keys, values, causal, scale):
     """Reference for cuDNN's op: grouped heads expanded, scores in float32, causal aligned to the top left."""
     g = q.shape[1] // keys.shape[1]
@@ -200,14 +185,46 @@ def test_split_chunk_attention_merges_two_passes_into_the_bottom_right_mask(monk
     torch.testing.assert_close(model_module._split_chunk_attention(q, k, v, 0.25), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention is the GPU's")
-@pytest.mark.parametrize("t,start", [(600, 1337), (2048, 30000), (512, 8)])
-def test_split_chunk_attention_with_cudnn_on_the_gpu(t, start):
-    """cuDNN's two passes merged against the expanded bottom-right causal SDPA (float32 math), bf16, head size 128,
-    keys a slice of a longer cache row; and this GPU's chunks take that path."""
+def _bottom_right(q, keys, values, scale):
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
 
+    return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), scale=scale, enable_gqa=True,
+                                          attn_mask=causal_lower_right(q.shape[2], keys.shape[2])).to(q.dtype)
+
+
+@pytest.mark.parametrize("t,start", [(16, 0), (21, 0), (5, 0), (16, 32), (37, 16), (40, 13), (3, 200), (8, 8)])
+def test_gpu_prefill_attention_puts_block_multiples_on_cudnn_and_the_rest_on_flash(monkeypatch, t, start):
+    """The GPU's split of a chunk (here CUDNN_BLOCK 8, both ops stood in for by references with their contracts):
+    the same as one bottom-right causal pass for every length and start, and cuDNN sees only block-multiple shapes
+    (a plan per shape is built once and reused)."""
+    from sfi import model as model_module
+
+    shapes = []
+
+    def cudnn(q, keys, values, causal, scale):
+        shapes.append((q.shape[2], keys.shape[2], causal))
+        return _attention_with_lse(q, keys, values, causal, scale)
+
+    monkeypatch.setattr(model_module, "_cudnn_with_lse", cudnn)
+    monkeypatch.setattr(model_module, "_flash_grouped", _bottom_right)
+    monkeypatch.setattr(model_module, "_chunk_path", lambda *a: "split")
+    monkeypatch.setattr(model_module, "CUDNN_BLOCK", 8)
+    g = torch.Generator().manual_seed(t * 1000 + start)
+    q = torch.randn(1, 6, t, 16, generator=g)
+    k, v = (torch.randn(1, 2, start + t + 3, 16, generator=g)[:, :, :start + t] for _ in range(2))
+    got = model_module._gpu_prefill_attention(q, k, v, 0.25)
+    torch.testing.assert_close(got, _bottom_right(q, k, v, 0.25), rtol=1e-5, atol=1e-5)
+    assert all(a % 8 == 0 and b % 8 == 0 for a, b, _ in shapes)
+    assert bool(shapes) == (t >= 8 and start % 8 == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention is the GPU's")
+@pytest.mark.parametrize("t,start", [(600, 1337), (2048, 30720), (2500, 0), (3000, 1024), (512, 8)])
+def test_gpu_prefill_attention_with_cudnn_and_flash(t, start):
+    """The GPU's prefill attention (cuDNN's block multiples, merged where a start precedes them, the rest through
+    the flash op) against the expanded bottom-right causal SDPA in float32; bf16, head size 128, keys a slice of a
+    longer cache row; and this GPU takes the cuDNN path."""
     from sfi import model as model_module
 
     dev = torch.device("cuda")
@@ -216,7 +233,6 @@ def test_split_chunk_attention_with_cudnn_on_the_gpu(t, start):
     q = torch.randn(1, 32, t, 128, device=dev, dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(1, 8, start + t + 64, 128, device=dev, dtype=torch.bfloat16, generator=g)[:, :, :start + t]
             for _ in range(2))
-    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_lower_right(t, start + t),
-                                          scale=128 ** -0.5, enable_gqa=True)
-    got = model_module._grouped_chunk_attention(q, k, v, 128 ** -0.5)
+    want = _bottom_right(q.float(), k.float(), v.float(), 128 ** -0.5)
+    got = model_module.prefill_attention(q, k, v, 128 ** -0.5)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

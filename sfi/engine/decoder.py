@@ -84,7 +84,7 @@ def prefill_row(model: Transformer, cache: KVCache, row: int, ids: torch.Tensor,
                 bootstrap: Capture | None = None, refresh=None) -> torch.Tensor:
     """Fill cache row `row` with the prompt `ids` [T], `chunk` tokens at a time; return last logits [V].
 
-    On a GPU the prompt goes layer by layer with one flash attention call per layer (see
+    On a GPU the prompt goes layer by layer with one fused attention pass per layer (see
     `Transformer.prefill_layer_major`); on a CPU, chunk by chunk through all layers."""
     if ids.is_cuda and len(ids) > chunk:
         logits = _layer_major_prefill(model, cache, row, ids, chunk, bootstrap, refresh)
