@@ -1,0 +1,83 @@
+"""The ranged decode kernel's pipeline stages (and split size) A/B inside CUDA graphs, as a decode step runs it:
+microseconds per launch (kernel + merge) for dense rows (the whole cache) and fast rows (a compact range plus a
+recent span), Qwen3-4B heads, bf16, random data; outputs compared with the default's. JSON to argv[1]."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
+from sfi_kernels import ranged_decode_attention
+from sfi_kernels.ranged_decode import default_split
+
+
+def per_call_us(fn, calls: int = 36, replays: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (calls * replays)
+
+
+def main() -> None:
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    hq, hkv, d = 32, 8, 128
+    results = []
+    cases = [("dense", ctx, b) for ctx, b in ((8192, 1), (8192, 16), (32768, 1), (32768, 4), (131072, 1),
+                                             (131072, 4))] + [("fast", 32768, b) for b in (1, 4, 16)]
+    for kind, ctx, b in cases:
+        kc = torch.randn(b, hkv, ctx, d, device=dev, dtype=dt)
+        vc = torch.randn_like(kc)
+        ck, cv = (torch.randn(b, hkv, 2304, d, device=dev, dtype=dt) for _ in range(2))
+        q = torch.randn(b, hq, d, device=dev, dtype=dt)
+        rows = torch.arange(b, device=dev, dtype=torch.int32)
+        if kind == "dense":
+            clen = torch.zeros(b, device=dev, dtype=torch.int32)
+            sstart = torch.zeros(b, device=dev, dtype=torch.int32)
+            slen = torch.full((b,), ctx, device=dev, dtype=torch.int32)
+        else:  # sink + selected in the compact range, the recent 256 positions of the cache
+            clen = torch.full((b,), 2048 + 4, device=dev, dtype=torch.int32)
+            sstart = torch.full((b,), ctx - 256, device=dev, dtype=torch.int32)
+            slen = torch.full((b,), 256, device=dev, dtype=torch.int32)
+        max_keys = int((clen + slen).max())
+        ref = None
+        for name, kw in (("stages2", dict(num_stages=2)), ("stages3", dict(num_stages=3)),
+                         ("stages3_split_to_2048", dict(num_stages=3, split=_split_to(max_keys, b * hkv, 2048)))):
+            def call(kw=kw):
+                return ranged_decode_attention(q, kc, vc, ck, cv, rows, clen, sstart, slen, max_keys=max_keys, **kw)
+            out = call()[0]
+            ref = out if ref is None else ref
+            row = {"kind": kind, "ctx": ctx, "batch": b, "config": name,
+                   "split": kw.get("split", default_split(max_keys, b * hkv)), "us": per_call_us(call),
+                   "max_diff": (out.float() - ref.float()).abs().max().item()}
+            row["GBps"] = 2 * b * hkv * max_keys * d * 2 / row["us"] / 1e3
+            results.append(row)
+            print(row, flush=True)
+        del kc, vc, ck, cv
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _split_to(max_keys: int, row_heads: int, cap: int) -> int:
+    """default_split's rule with a higher cap on keys per split."""
+    split = 64
+    while split < cap and -(-max_keys // split) * row_heads > 640:
+        split *= 2
+    return split
+
+
+if __name__ == "__main__":
+    main()
