@@ -4,6 +4,7 @@ recent span), Qwen3-4B heads, bf16, random data; outputs compared with the defau
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -56,8 +57,8 @@ def main() -> None:
         ref = None
         for name, kw in (("stages2", dict(num_stages=2)), ("stages3", dict(num_stages=3)),
                          ("stages3_split_to_2048", dict(num_stages=3, split=_split_to(max_keys, b * hkv, 2048)))):
-            def call(kw=kw):
-                return ranged_decode_attention(q, kc, vc, ck, cv, rows, clen, sstart, slen, max_keys=max_keys, **kw)
+            call = functools.partial(ranged_decode_attention, q, kc, vc, ck, cv, rows, clen, sstart, slen,
+                                     max_keys=max_keys, **kw)
             out = call()[0]
             ref = out if ref is None else ref
             row = {"kind": kind, "ctx": ctx, "batch": b, "config": name,

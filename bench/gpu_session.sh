@@ -16,6 +16,7 @@ run_stage() {
     micro-capture) python3 bench/gpu_micro.py "$OUT/micro-capture.json" capture ;;
     profile) python3 bench/gpu_profile.py "$OUT/profile.json" ;;
     prefill-profile) python3 bench/gpu_prefill_profile.py "$OUT/prefill-profile.json" ;;
+    ab-stages) python3 bench/ab_stages.py "$OUT/ab-stages.json" ;;
     sweep-long) python3 bench/gpu_kernel_sweep.py "$OUT/sweep-long.json" long ;;
     bench-8k) python3 -m sfi_cli.main bench --ctx 8k --batch 1,16 --new-tokens 256 --json "$OUT/bench-8k.json" ;;
     prefill-check) python3 bench/gpu_prefill_check.py "$OUT/prefill-check.json" ;;
