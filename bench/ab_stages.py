@@ -9,28 +9,16 @@ import json
 import sys
 
 import torch
+from gpu_micro import graph_ms  # bench/ on the path, as in bench/gpu_session.sh
 
 import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import ranged_decode_attention
 from sfi_kernels.ranged_decode import default_split
 
 
-def per_call_us(fn, calls: int = 36, replays: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / (calls * replays)
+def per_call_us(fn, calls: int = 36) -> float:
+    """Microseconds per call of `fn`, `calls` of them captured in one CUDA graph (a step's layers)."""
+    return 1e3 * graph_ms(lambda: [fn() for _ in range(calls)]) / calls
 
 
 def main() -> None:
