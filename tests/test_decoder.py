@@ -66,3 +66,20 @@ def test_records_account_for_every_token(pair):
     assert len(prefills) == 4 and prefills[0].finished  # max_new_tokens 1: done at prefill
     assert sum(len(s.rows) for s in steps) + len(prefills) == 1 + 5 + 9 + 3
     assert sorted(r for s in steps for r in s.finished) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("length,first,want", [
+    (10000, 0, [0, 2048, 4096, 6144, 8192]),
+    (10000, 3000, [3000, 4096, 6144, 8192]),  # after a reused prefix: the next chunk starts at a multiple
+    (10000, 4096, [4096, 6144, 8192]),
+    (8200, 3000, [3000, 4096, 6144]),  # the last chunk would hold 8 < 16 tokens: it joins the one before
+    (3100, 3000, [3000]),
+])
+def test_chunk_starts_align_after_a_reused_prefix(length, first, want):
+    from sfi.engine.decoder import chunk_starts
+
+    starts = chunk_starts(length, 2048, 16, first)
+    assert starts == want
+    ends = starts[1:] + [length]
+    assert all(e - s <= 2048 + 15 for s, e in zip(starts, ends, strict=True))  # never much over one chunk
+    assert length - starts[-1] >= min(16, length - first)

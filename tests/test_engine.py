@@ -122,6 +122,20 @@ def test_shared_prefixes_are_prefilled_once_with_identical_outputs(ckpt, tmp_pat
         sorted(r["prefill_tokens_reused"] for r in shared.values())
 
 
+def test_transcripts_that_extend_each_other_prefill_their_suffixes_in_aligned_chunks(ckpt, tmp_path):
+    """Each transcript extends the one before by more than a chunk: the followers copy the prefix and prefill their
+    own long suffix in chunks, the first running to the next chunk boundary; outputs equal to no reuse at all."""
+    jobs = [{"id": f"t{i}", "prompt": TEXT[:300 + 170 * i], "max_new_tokens": 6} for i in range(3)]
+    plain = _run(ckpt, tmp_path, jobs, "plain-t", "--set", "decode.prefix_min_tokens=0",
+                 "--set", "decode.prefill_chunk=32")
+    shared = _run(ckpt, tmp_path, jobs, "shared-t", "--set", "decode.prefix_min_tokens=32",
+                  "--set", "decode.prefill_chunk=32")
+    assert _texts(shared) == _texts(plain)
+    reused = sorted(r["prefill_tokens_reused"] for r in shared.values())
+    assert reused[0] == 0 and all(n > 0 for n in reused[1:])
+    assert all(r["prompt_tokens"] - r["prefill_tokens_reused"] > 32 for r in shared.values())  # suffixes of chunks
+
+
 def test_last_chunks_share_one_forward(ckpt, tmp_path, monkeypatch):
     """Followers of a shared prefix (and short prompts) whose last chunks fit one chunk's tokens are prefilled in
     one forward, with the texts of a run that prefills each alone, SFI engaged."""
