@@ -1,6 +1,7 @@
 """The ranged decode kernel's pipeline stages (and split size) A/B inside CUDA graphs, as a decode step runs it:
-microseconds per launch (kernel + merge) for dense rows (the whole cache) and fast rows (a compact range plus a
-recent span), Qwen3-4B heads, bf16, random data; outputs compared with the default's. JSON to argv[1]."""
+microseconds per launch (kernel + merge) for dense rows (the whole cache), fast rows (a compact range plus a
+recent span) and a slow row (the whole cache with the Selector's logits captured, 64-key tiles as a step launches
+it), Qwen3-4B heads, bf16, random data; outputs compared with the default's. JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from gpu_micro import graph_ms  # bench/ on the path, as in bench/gpu_session.sh
 
 import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
-from sfi_kernels import ranged_decode_attention
+from sfi_kernels import LogitCapture, ranged_decode_attention
 from sfi_kernels.ranged_decode import default_split
 
 
@@ -26,14 +27,21 @@ def main() -> None:
     hq, hkv, d = 32, 8, 128
     results = []
     cases = [("dense", ctx, b) for ctx, b in ((8192, 1), (8192, 16), (32768, 1), (32768, 4), (131072, 1),
-                                             (131072, 4))] + [("fast", 32768, b) for b in (1, 4, 16)]
+                                             (131072, 4))] + [("fast", 32768, b) for b in (1, 4, 16)] + [
+        ("slow", ctx, 1) for ctx in (32768, 131072)]
     for kind, ctx, b in cases:
         kc = torch.randn(b, hkv, ctx, d, device=dev, dtype=dt)
         vc = torch.randn_like(kc)
         ck, cv = (torch.randn(b, hkv, 2304, d, device=dev, dtype=dt) for _ in range(2))
         q = torch.randn(b, hq, d, device=dev, dtype=dt)
         rows = torch.arange(b, device=dev, dtype=torch.int32)
-        if kind == "dense":
+        extra = {}
+        if kind == "slow":  # the domain [sink, length - recent) captured, as a slow step's launch does
+            lo, hi = 4, ctx - 256
+            extra = dict(block_n=64, capture=LogitCapture(
+                *(torch.full((1,), v, device=dev, dtype=torch.int32) for v in (0, lo, hi)),
+                torch.empty(1, hq, hi - lo, device=dev)))
+        if kind in ("dense", "slow"):
             clen = torch.zeros(b, device=dev, dtype=torch.int32)
             sstart = torch.zeros(b, device=dev, dtype=torch.int32)
             slen = torch.full((b,), ctx, device=dev, dtype=torch.int32)
@@ -46,7 +54,7 @@ def main() -> None:
         for name, kw in (("stages2", dict(num_stages=2)), ("stages3", dict(num_stages=3)),
                          ("stages3_split_to_2048", dict(num_stages=3, split=_split_to(max_keys, b * hkv, 2048)))):
             call = functools.partial(ranged_decode_attention, q, kc, vc, ck, cv, rows, clen, sstart, slen,
-                                     max_keys=max_keys, **kw)
+                                     max_keys=max_keys, **kw, **extra)
             out = call()[0]
             ref = out if ref is None else ref
             row = {"kind": kind, "ctx": ctx, "batch": b, "config": name,
