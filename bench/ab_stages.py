@@ -51,8 +51,9 @@ def main() -> None:
             slen = torch.full((b,), 256, device=dev, dtype=torch.int32)
         max_keys = int((clen + slen).max())
         ref = None
+        long_split = default_split(max_keys, b * hkv, cap=2048)
         for name, kw in (("stages2", dict(num_stages=2)), ("stages3", dict(num_stages=3)),
-                         ("stages3_split_to_2048", dict(num_stages=3, split=_split_to(max_keys, b * hkv, 2048)))):
+                         ("stages3_split_to_2048", dict(num_stages=3, split=long_split))):
             call = functools.partial(ranged_decode_attention, q, kc, vc, ck, cv, rows, clen, sstart, slen,
                                      max_keys=max_keys, **kw, **extra)
             out = call()[0]
@@ -66,14 +67,6 @@ def main() -> None:
         del kc, vc, ck, cv
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
-
-
-def _split_to(max_keys: int, row_heads: int, cap: int) -> int:
-    """default_split's rule with a higher cap on keys per split."""
-    split = 64
-    while split < cap and -(-max_keys // split) * row_heads > 640:
-        split *= 2
-    return split
 
 
 if __name__ == "__main__":

@@ -225,14 +225,14 @@ def _check_capture(q: torch.Tensor, k_cache: torch.Tensor, c: LogitCapture) -> N
         raise ValueError("capture: z must be float32 with unit stride along C")
 
 
-def default_split(max_keys: int, row_heads: int = 8) -> int:
+def default_split(max_keys: int, row_heads: int = 8, cap: int = 512) -> int:
     """Keys per split for rows of up to `max_keys` keys and `row_heads` = rows x KV heads: the smallest power of
-    two from 64 to 512 that keeps the launch within about 640 programs. Short rows at small batches need short
+    two from 64 to `cap` that keeps the launch within about 640 programs. Short rows at small batches need short
     splits to fill the GPU (an SFI fast row of 2.4k keys at batch 1: 11 us per layer with 64, 18 us with 256);
     long or many rows, long splits. From a sweep in CUDA graphs on an H200 (bench/gpu_micro.py,
     bench/results/2026-12-01-h200-micro.json)."""
     split = 64
-    while split < 512 and -(-max_keys // split) * row_heads > 640:
+    while split < cap and -(-max_keys // split) * row_heads > 640:
         split *= 2
     return split
 

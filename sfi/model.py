@@ -276,7 +276,7 @@ def _chunk_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     return "expanded"
 
 
-# cuDNN builds an execution plan for every new shape (about 33 ms each on an H200, paid again by every process), and
+# cuDNN builds an execution plan for every new shape (69-71 ms each on an H200, paid again by every process), and
 # prompts come in every length: only block multiples go to it, so a run builds a handful of plans (the 2,048-token
 # chunks at their 2,048-aligned starts, whole prompts' leading squares) and reuses them. The remainder goes to the
 # flash op, which needs no plan; so do chunks of fewer queries, whose split-KV kernel spreads them over the GPU.
@@ -494,9 +494,9 @@ class Transformer(nn.Module):
         bounds = [(s, min(t, s + chunk)) for s in range(0, t, chunk)]
         where = [TokenIndex.of([(row, s, e - s)], cache, self.device) for s, e in bounds]
         queries: list[torch.Tensor] = []
+        base = cache.base[row]
         for block in self.layers:
             att = block.attention
-            base = cache.base[row]
             for (s, e), w in zip(bounds, where, strict=True):
                 att.qkv_into_cache(block.attention_norm(h[0, s:e]), self.rope_cos, self.rope_sin, cache, w, q_all[s:e])
             q = q_all.transpose(0, 1)[None]  # [1, Hq, T, D]

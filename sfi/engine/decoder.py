@@ -76,8 +76,7 @@ def chunk_starts(length: int, chunk: int, last_at_least: int = 1, first: int = 0
     (the bootstrap window must lie in one chunk). After a reused prefix (first not a multiple of `chunk`) the first
     chunk runs to the next multiple, so that the later ones start where every prompt's do: on a GPU their attention
     then has shapes cuDNN already has plans for (sfi.model.prefill_attention)."""
-    aligned = -(-first // chunk) * chunk
-    starts = [first] + list(range(aligned if aligned > first else first + chunk, length, chunk))
+    starts = [first] + list(range(first // chunk * chunk + chunk, length, chunk))
     if len(starts) > 1 and length - starts[-1] < last_at_least:
         starts.pop()
     return starts
