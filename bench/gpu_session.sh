@@ -17,6 +17,10 @@ run_stage() {
     profile) python3 bench/gpu_profile.py "$OUT/profile.json" ;;
     prefill-profile) python3 bench/gpu_prefill_profile.py "$OUT/prefill-profile.json" ;;
     ab-stages) python3 bench/ab_stages.py "$OUT/ab-stages.json" ;;
+    pdl-probe) python3 bench/pdl_probe.py "$OUT/pdl-probe.json" ;;
+    # The kernels that take programmatic dependent launch, on the GPU (PDL on, the default there).
+    tests-pdl) python3 -m pytest -q -x -p no:cacheprovider tests/test_skinny_gemm.py tests/test_fused_kernels.py \
+                 tests/test_ranged_kernel.py ;;
     sweep-long) python3 bench/gpu_kernel_sweep.py "$OUT/sweep-long.json" long ;;
     bench-8k) python3 -m sfi_cli.main bench --ctx 8k --batch 1,16 --new-tokens 256 --json "$OUT/bench-8k.json" ;;
     prefill-check) python3 bench/gpu_prefill_check.py "$OUT/prefill-check.json" ;;
@@ -36,6 +40,9 @@ run_stage() {
     capture-q4b) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke-q4b /root/q4b ;;
     bench-short) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --json "$OUT/bench-short.json" ;;
     bench-mid) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-mid.json" ;;
+    # The same without programmatic dependent launch (kernels/pdl.py), for the A/B in one call.
+    bench-mid-nopdl) SFI_PDL=0 python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --no-torch \
+                       --json "$OUT/bench-mid-nopdl.json" ;;
     # The same points with the ranged kernel's float32-upcast tiles, for an A/B against native tiles.
     bench-upcast) python3 bench/ab_kernel.py native_tiles=false -- bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --no-torch \
                     --json "$OUT/bench-upcast.json" ;;

@@ -17,6 +17,7 @@ from .fused import (
                     silu_mul,
                     silu_mul_ref,
 )
+from .pdl import use_pdl
 from .ranged_decode import LogitCapture, default_split, ranged_decode_attention, ranged_decode_attention_ref
 from .selector_scores import selector_scores, selector_scores_ref
 from .skinny_gemm import skinny_linear, skinny_linear_ref, skinny_pays
@@ -26,4 +27,4 @@ __all__ = ["LogitCapture", "add_rms_norm", "add_rms_norm_ref", "compact_write", 
            "decode_attention", "decode_attention_ref", "decode_qkv", "decode_qkv_ref", "default_split",
            "kept_positions", "kept_positions_ref", "ranged_decode_attention", "ranged_decode_attention_ref",
            "rms_norm", "rms_norm_ref", "selector_scores", "selector_scores_ref", "silu_mul", "silu_mul_ref",
-           "skinny_linear", "skinny_linear_ref", "skinny_pays"]
+           "skinny_linear", "skinny_linear_ref", "skinny_pays", "use_pdl"]

@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import torch
 
+from .pdl import launch_options, use_pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from .pdl import pdl_wait
 except ImportError:
     triton = None
 
@@ -74,6 +78,12 @@ def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_ca
     return q if out is None else out.copy_(q)
 
 
+def _pdl(x: torch.Tensor) -> dict:
+    """A kernel's PDL constexpr and launch option (kernels/pdl.py)."""
+    pdl = use_pdl(x)
+    return {"PDL": pdl, **launch_options(pdl)}
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     import os
 
@@ -93,7 +103,8 @@ if triton is not None:
         tl.store(y_ptr + cols, (w * normed).to(x.dtype), mask=mask)
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -102,7 +113,8 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_h, stride_y, N, eps,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -113,7 +125,8 @@ if triton is not None:
         _store_normed(h, w_ptr, y_ptr + row * stride_y, cols, mask, N, eps)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, y_ptr, stride_gu, stride_y, N, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, y_ptr, stride_gu, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
@@ -150,7 +163,8 @@ if triton is not None:
     def _decode_qkv_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, at_ptr, q_ptr,
                            l2_ptr, stride_qkv, stride_cb, stride_ch, stride_cs, stride_q, stride_lb, stride_lh, eps,
                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr,
-                           HAS_L2: tl.constexpr):
+                           HAS_L2: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         pos = tl.load(pos_ptr + b).to(tl.int64)
@@ -183,7 +197,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), n, eps,
-                                     BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4)
+                                     BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4,
+                                     **_pdl(x))
     return y.view(x.shape)
 
 
@@ -198,7 +213,8 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
     x2, r2 = x.reshape(-1, n).contiguous(), r.reshape(-1, n).contiguous()
     h, y = torch.empty_like(x2), torch.empty_like(x2)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
-                                         n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4)
+                                         n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4,
+                                         **_pdl(x))
     return h.view(x.shape), y.view(x.shape)
 
 
@@ -213,7 +229,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gu.shape[0], n, dtype=gu.dtype, device=gu.device)
     block = min(2048, triton.next_power_of_2(n))
     _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block,
-                                                          num_warps=4)
+                                                          num_warps=4, **_pdl(gu))
     return y.view(*gate_up.shape[:-1], n)
 
 
@@ -241,5 +257,6 @@ def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache,
         rows, positions, positions if write_at is None else write_at, q, q if key_norms is None else key_norms,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
         *((0, 0) if key_norms is None else (key_norms.stride(0), key_norms.stride(1))),
-        eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, HAS_L2=key_norms is not None, num_warps=1)
+        eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, HAS_L2=key_norms is not None, num_warps=1,
+        **_pdl(qkv))
     return q

@@ -24,10 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from .decode_attention import decode_attention_ref
+from .pdl import launch_options, use_pdl
 
 try:
     import triton
     import triton.language as tl
+
+    from .pdl import pdl_wait
 except ImportError:  # CPU installs without triton use the reference
     triton = None
 
@@ -102,7 +105,9 @@ if triton is not None:
         stride_zs, stride_zh,
         scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAPTURE: tl.constexpr, NATIVE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -179,8 +184,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_split"])
     def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, n_split,
-                             D: tl.constexpr, BLOCK_S: tl.constexpr):
+                             D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         """One (row, head): combine the splits' partial outputs by their log-sum-exp; empty splits carry -inf."""
+        pdl_wait(PDL)
         bh = tl.program_id(0)
         d = tl.arange(0, D)
         m = tl.full([BLOCK_S], float("-inf"), tl.float32)
@@ -267,6 +273,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         if t.stride(3) != 1:
             raise ValueError("caches must be contiguous in the head dim")
     c = capture
+    pdl = use_pdl(q)
     cap_args = (c.slot, c.lo, c.hi, c.z) if c is not None else (rows,) * 3 + (part_lse,)
     cap_strides = (c.z.stride(0), c.z.stride(1)) if c is not None else (0,) * 2
     _ranged_decode_kernel[(b, hkv, n_split)](
@@ -284,11 +291,12 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
         # exact (ieee) products, since tf32 would round their mantissas.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl, **launch_options(pdl),
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     _merge_splits_kernel[(b * hq,)](part_o, part_lse, out, lse, n_split, D=d,
-                                    BLOCK_S=16 if n_split <= 16 else 64, num_warps=4)
+                                    BLOCK_S=16 if n_split <= 16 else 64, num_warps=4, PDL=pdl, **launch_options(pdl))
     return out, lse
 
 

@@ -16,13 +16,19 @@ import os
 
 import torch
 
+from .pdl import launch_options, use_pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from .pdl import pdl_wait, prefetch_l2
 except ImportError:  # CPU installs without triton use the reference
     triton = None
 
 MAX_ROWS = 16
+# L2 prefetch per launch with PDL (an H200 has 50 MB of L2; a launch's prefetch must outlive the one before it).
+PREFETCH_BYTES = 16 << 20
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,7 +41,8 @@ if triton is not None:
     def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                             K_SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
                             M_PAD: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                            PDL: tl.constexpr, PREF_K: tl.constexpr, ELEM: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,6 +51,10 @@ if triton is not None:
         mmask = m < M
         k_lo = pid_k * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        if PREF_K > 0:  # the first PREF_K keys of this program's weight rows into L2, before the wait (see pdl.py)
+            first = tl.minimum(n, N - 1).to(tl.int64) * stride_wn + k_lo
+            prefetch_l2(w_ptr + first, tl.full([BLOCK_N], 0, tl.int32) + tl.minimum(k_hi - k_lo, PREF_K) * ELEM)
+        pdl_wait(PDL)
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -68,7 +79,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])
     def _split_sum_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
-                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         m = tl.program_id(0)
         n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         nmask = n < N
@@ -97,20 +109,35 @@ def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return block_n, block_k, split, 4, 3
 
 
-def skinny_pays(m: int, n: int, k: int) -> bool:
-    """Whether the skinny kernel beats cuBLAS for this shape on an H200 (bench/results/2026-12-01-h200-micro*.json):
-    from 2 to 16 rows, when its default configuration puts at least two programs on each multiprocessor (so not
-    for one row, nor for [6144, 2560] with its 192 programs)."""
-    if not 2 <= m <= MAX_ROWS or triton is None:
+def skinny_pays(m: int, n: int, k: int, pdl: bool = False) -> bool:
+    """Whether the skinny kernel beats cuBLAS for this shape on an H200. Without PDL
+    (bench/results/2026-12-01-h200-micro*.json): from 2 to 16 rows, when its default configuration puts at least
+    two programs on each multiprocessor (so not for one row, nor for [6144, 2560] with its 192 programs). With PDL
+    (kernels/pdl.py), for every shape up to 16 rows: a decode step's chain of kernels then overlaps each launch with
+    the one before (bench/pdl_probe.py)."""
+    if not 1 <= m <= MAX_ROWS or triton is None:
         return False
+    if pdl:
+        return True
     block_n, _, split, _, _ = default_config(m, n, k)
-    return -(-n // block_n) * split >= 264
+    return m >= 2 and -(-n // block_n) * split >= 264
+
+
+def prefetch_keys(programs: int, block_n: int, k_split: int, budget: int, elem: int = 2) -> int:
+    """Keys of each program's weight rows to prefetch into L2 before the wait (a multiple of 64, at most a program's
+    slice of K), so that the whole launch prefetches at most `budget` bytes; 0 below 64."""
+    keys = budget // max(1, programs * block_n * elem) // 64 * 64
+    return min(keys, k_split) if keys >= 64 else 0
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+                  config: tuple[int, int, int, int, int] | None = None, pdl: bool | None = None,
+                  prefetch: int = PREFETCH_BYTES) -> torch.Tensor:
     """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off
-    a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
+    a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). `pdl`
+    (default: where the device has it, kernels/pdl.py): launched with programmatic dependent launch, the first
+    `prefetch` bytes of the weights (spread over the programs) requested into L2 before waiting for the
+    previous kernel."""
     if w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"expected x [..., K] and w [N, K], got x {tuple(x.shape)}, w {tuple(w.shape)}")
     if bias is not None and bias.shape != (w.shape[0],):
@@ -130,6 +157,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     m_pad = 1 if m == 1 else MAX_ROWS
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
+    pdl = use_pdl(x) if pdl is None else pdl and use_pdl(x)
+    elem = w.element_size()
+    # Bulk prefetches take 16-byte aligned addresses and sizes: every row's start and every split's bounds.
+    aligned = w.data_ptr() % 16 == 0 and (w.stride(0) * elem) % 16 == 0 and (k * elem) % 16 == 0
+    pref_k = prefetch_keys(triton.cdiv(n, block_n) * split, block_n, k_split, prefetch, elem) if pdl and aligned else 0
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(split, m_pad, n, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else w
@@ -137,9 +169,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         x2, w, b, y, part, m, n, k, x2.stride(0), w.stride(0), y.stride(0), k_split,
         # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
         HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=_interpreting() or x.dtype == torch.float32,
-        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PDL=pdl, PREF_K=pref_k, ELEM=elem,
+        num_warps=warps, num_stages=stages, **launch_options(pdl))
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](part, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None,
-                                                      M_PAD=m_pad, SPLIT_K=split, BLOCK=block, num_warps=4)
+                                                      M_PAD=m_pad, SPLIT_K=split, BLOCK=block, PDL=pdl, num_warps=4,
+                                                      **launch_options(pdl))
     return y.view(*x.shape[:-1], n)

@@ -29,6 +29,7 @@ from sfi_kernels import (
     silu_mul_ref,
     skinny_linear,
     skinny_pays,
+    use_pdl,
 )
 
 from . import attention
@@ -210,9 +211,10 @@ def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Te
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A projection of a decode step: on a GPU, the skinny Triton GEMM where it streams the weights faster than
-    cuBLAS (2 to 16 rows, matrices wide enough to fill the GPU: see `skinny_pays`); otherwise nn.Linear."""
+    cuBLAS (up to 16 rows: see `skinny_pays`; with programmatic dependent launch, every shape, so the step's chain
+    of kernels overlaps launches throughout); otherwise nn.Linear."""
     rows = x.numel() // x.shape[-1]
-    if x.is_cuda and skinny_pays(rows, *layer.weight.shape):
+    if x.is_cuda and skinny_pays(rows, *layer.weight.shape, pdl=use_pdl(x)):
         return skinny_linear(x, layer.weight, layer.bias)
     return layer(x)
 
