@@ -31,7 +31,11 @@ MAX_ROWS = 16
 PREFETCH_BYTES = 16 << 20
 
 
-def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                      gated: bool = False) -> torch.Tensor:
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
     return torch.nn.functional.linear(x, w, bias)
 
 
@@ -42,7 +46,7 @@ if triton is not None:
                             K_SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
                             M_PAD: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                            PDL: tl.constexpr, PREF_K: tl.constexpr, ELEM: tl.constexpr):
+                            PDL: tl.constexpr, PREF_K: tl.constexpr, ELEM: tl.constexpr, GATED: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,8 +65,12 @@ if triton is not None:
             kmask = k < k_hi
             w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + k[None, :],
                         mask=nmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :],
-                        other=0.0)  # [M_PAD, BLOCK_K]
+            x_at = x_ptr + m[:, None] * stride_xm + k[None, :]
+            x = tl.load(x_at, mask=mmask[:, None] & kmask[None, :], other=0.0)  # [M_PAD, BLOCK_K]
+            if GATED:  # x holds gate | up: SiLU(gate) * up, rounded as fused.silu_mul rounds
+                up = tl.load(x_at + K, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                g = x.to(tl.float32)
+                x = ((g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
             if USE_DOT and UPCAST:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             elif USE_DOT:
@@ -132,21 +140,23 @@ def prefetch_keys(programs: int, block_n: int, k_split: int, budget: int, elem: 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int, int] | None = None, pdl: bool | None = None,
-                  prefetch: int = PREFETCH_BYTES) -> torch.Tensor:
+                  prefetch: int = PREFETCH_BYTES, gated: bool = False) -> torch.Tensor:
     """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off
     a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). `pdl`
     (default: where the device has it, kernels/pdl.py): launched with programmatic dependent launch, the first
     `prefetch` bytes of the weights (spread over the programs) requested into L2 before waiting for the
-    previous kernel."""
-    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"expected x [..., K] and w [N, K], got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    previous kernel. `gated`: x is [..., 2K], gate | up, and the product is SiLU(gate) * up @ w^T (the gated MLP's
+    down projection with the activation in its loads, rounded as `silu_mul` then a product round)."""
+    if w.dim() != 2 or x.shape[-1] != w.shape[1] * (2 if gated else 1):
+        want = "[..., 2K] (gate | up)" if gated else "[..., K]"
+        raise ValueError(f"expected x {want} and w [N, K], got x {tuple(x.shape)}, w {tuple(w.shape)}")
     if bias is not None and bias.shape != (w.shape[0],):
         raise ValueError(f"expected bias [{w.shape[0]}], got {tuple(bias.shape)}")
     n, k = w.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     if triton is None or m > MAX_ROWS or m == 0 or not (x.is_cuda or _interpreting()):
-        return skinny_linear_ref(x, w, bias)
+        return skinny_linear_ref(x, w, bias, gated)
     if x.dtype != w.dtype:
         raise ValueError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}")
     if w.stride(1) != 1:
@@ -170,6 +180,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
         HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=_interpreting() or x.dtype == torch.float32,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PDL=pdl, PREF_K=pref_k, ELEM=elem,
+        GATED=gated,
         num_warps=warps, num_stages=stages, **launch_options(pdl))
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))

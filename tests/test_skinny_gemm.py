@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfi_kernels import skinny_linear, skinny_linear_ref
+from sfi_kernels import silu_mul, silu_mul_ref, skinny_linear, skinny_linear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,6 +24,22 @@ def test_matches_a_float64_product(m, n, k, bias, dtype, config):
     assert y.shape == (m, 1, n) and y.dtype == dtype and not y.isnan().any()
     rel = ((y.double() - want).norm() / want.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 27, 64), (3, 100, 1112), (16, 40, 256)])
+def test_gated_input_is_the_gated_mlp_activation(m, n, k):
+    """x = gate | up: the product of SiLU(gate) * up (as silu_mul rounds it) with w, in one launch."""
+    g = torch.Generator().manual_seed(n + k)
+    gate_up = torch.randn(m, 2 * k, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    y = skinny_linear(gate_up, w, gated=True)
+    want = torch.nn.functional.linear(silu_mul_ref(gate_up).double(), w.double())
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert ((y.double() - want).norm() / want.norm()).item() < 2e-2  # the interpreter rounds bf16 by truncation
+    assert torch.equal(y, skinny_linear(silu_mul(gate_up), w))  # the same roundings as the two launches
+    torch.testing.assert_close(skinny_linear_ref(gate_up, w, gated=True), skinny_linear_ref(silu_mul_ref(gate_up), w))
+    with pytest.raises(ValueError, match=r"gate \| up"):
+        skinny_linear(gate_up[:, :-2], w, gated=True)
 
 
 def test_falls_back_past_sixteen_rows_and_checks_shapes():
