@@ -5,10 +5,12 @@ the GPU a few microseconds: the next grid's launch, its programs' first loads, t
 on an H200 (bench/results/2026-12-03-h200-micro.json, 36 copies of a matrix product back to back in a CUDA graph,
 one row): 3-5.5 us per product over what its bytes take at the lm head's 4.3 TB/s, ~0.6 ms of a 3.6 ms step.
 
-With PDL a kernel launches while its predecessor still runs. Its programs first do what depends on no earlier
-kernel (a matrix product prefetches its weights into L2), then `pdl_wait`: the predecessor has completed and its
-writes are visible, and the successor may launch in turn. Since every kernel launched with PDL waits before it
-completes, a kernel's completion implies all earlier kernels' (so a kernel may read what any earlier kernel wrote).
+With PDL a kernel launches while its predecessor still runs: its programs are resident when the predecessor ends,
+and `pdl_wait` returns once the predecessor has completed and its writes are visible; the successor may launch in
+turn. (Prefetching a matrix product's weights into L2 before the wait, 4-32 MB per launch, made the chain slower
+in proportion to the amount on an H200: bench/results/2026-12-03-h200-pdl-probe-1.json.) Since every kernel
+launched with PDL waits before it completes, a kernel's completion implies all earlier kernels' (so a kernel may
+read what any earlier kernel wrote).
 
 The rule for a kernel taking PDL: call `pdl_wait(PDL)` before its first load of anything a kernel writes and
 before its first store. Kernels launched without PDL (torch's, cuBLAS's) keep plain stream order and need nothing.
@@ -61,10 +63,3 @@ if triton is not None:
         if PDL:  # only ever True where gdc_wait exists (use_pdl)
             gdc_wait()
             gdc_launch_dependents()
-
-    @triton.jit
-    def prefetch_l2(ptrs, nbytes):
-        """Ask L2 to fetch `nbytes` [same shape] bytes from each of `ptrs` (16-byte aligned, sizes multiples of 16):
-        one bulk prefetch per element, no registers held, nothing waited for."""
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;", "=r,l,r",
-                                  [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)

@@ -22,13 +22,11 @@ try:
     import triton
     import triton.language as tl
 
-    from .pdl import pdl_wait, prefetch_l2
+    from .pdl import pdl_wait
 except ImportError:  # CPU installs without triton use the reference
     triton = None
 
 MAX_ROWS = 16
-# L2 prefetch per launch with PDL (an H200 has 50 MB of L2; a launch's prefetch must outlive the one before it).
-PREFETCH_BYTES = 16 << 20
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -46,7 +44,7 @@ if triton is not None:
                             K_SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
                             M_PAD: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                            PDL: tl.constexpr, PREF_K: tl.constexpr, ELEM: tl.constexpr, GATED: tl.constexpr):
+                            PDL: tl.constexpr, GATED: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,9 +53,6 @@ if triton is not None:
         mmask = m < M
         k_lo = pid_k * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
-        if PREF_K > 0:  # the first PREF_K keys of this program's weight rows into L2, before the wait (see pdl.py)
-            first = tl.minimum(n, N - 1).to(tl.int64) * stride_wn + k_lo
-            prefetch_l2(w_ptr + first, tl.full([BLOCK_N], 0, tl.int32) + tl.minimum(k_hi - k_lo, PREF_K) * ELEM)
         pdl_wait(PDL)
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -131,22 +126,14 @@ def skinny_pays(m: int, n: int, k: int, pdl: bool = False) -> bool:
     return m >= 2 and -(-n // block_n) * split >= 264
 
 
-def prefetch_keys(programs: int, block_n: int, k_split: int, budget: int, elem: int = 2) -> int:
-    """Keys of each program's weight rows to prefetch into L2 before the wait (a multiple of 64, at most a program's
-    slice of K), so that the whole launch prefetches at most `budget` bytes; 0 below 64."""
-    keys = budget // max(1, programs * block_n * elem) // 64 * 64
-    return min(keys, k_split) if keys >= 64 else 0
-
-
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int, int] | None = None, pdl: bool | None = None,
-                  prefetch: int = PREFETCH_BYTES, gated: bool = False) -> torch.Tensor:
+                  gated: bool = False) -> torch.Tensor:
     """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off
     a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). `pdl`
-    (default: where the device has it, kernels/pdl.py): launched with programmatic dependent launch, the first
-    `prefetch` bytes of the weights (spread over the programs) requested into L2 before waiting for the
-    previous kernel. `gated`: x is [..., 2K], gate | up, and the product is SiLU(gate) * up @ w^T (the gated MLP's
-    down projection with the activation in its loads, rounded as `silu_mul` then a product round)."""
+    (default: where the device has it, kernels/pdl.py): launched with programmatic dependent launch. `gated`: x is
+    [..., 2K], gate | up, and the product is SiLU(gate) * up @ w^T (the gated MLP's down projection with the
+    activation in its loads, rounded as `silu_mul` rounds)."""
     if w.dim() != 2 or x.shape[-1] != w.shape[1] * (2 if gated else 1):
         want = "[..., 2K] (gate | up)" if gated else "[..., K]"
         raise ValueError(f"expected x {want} and w [N, K], got x {tuple(x.shape)}, w {tuple(w.shape)}")
@@ -168,10 +155,6 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
     pdl = use_pdl(x) if pdl is None else pdl and use_pdl(x)
-    elem = w.element_size()
-    # Bulk prefetches take 16-byte aligned addresses and sizes: every row's start and every split's bounds.
-    aligned = w.data_ptr() % 16 == 0 and (w.stride(0) * elem) % 16 == 0 and (k * elem) % 16 == 0
-    pref_k = prefetch_keys(triton.cdiv(n, block_n) * split, block_n, k_split, prefetch, elem) if pdl and aligned else 0
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(split, m_pad, n, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else w
@@ -179,8 +162,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         x2, w, b, y, part, m, n, k, x2.stride(0), w.stride(0), y.stride(0), k_split,
         # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
         HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=_interpreting() or x.dtype == torch.float32,
-        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PDL=pdl, PREF_K=pref_k, ELEM=elem,
-        GATED=gated,
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PDL=pdl, GATED=gated,
         num_warps=warps, num_stages=stages, **launch_options(pdl))
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
