@@ -41,7 +41,6 @@ from ..model import DecodeStep, Transformer
 
 log = logging.getLogger(__name__)
 
-N_HOST = 17  # host staging rows: tokens, rows, positions, 4 ranges, 3 capture, 5 slot, base, write position
 
 
 def _bucket(n_split: int) -> int:
@@ -55,17 +54,42 @@ def _bucket(n_split: int) -> int:
 class _Buffers:
     def __init__(self, model: Transformer, batch: int) -> None:
         dev = model.device
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.rows = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.write_at = torch.zeros(batch, dtype=torch.long, device=dev)  # base + position (a pooled cache)
-        self.base = torch.zeros(batch, dtype=torch.int32, device=dev)
-        self.meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # rows, compact_len, span_start, span_len
-        self.dense_meta = torch.zeros(4, batch, dtype=torch.int32, device=dev)  # the same for a whole-cache read
+        # A step's inputs are rows of two device tensors, each filled by one transfer from a pinned twin per step (no
+        # copy kernels on the host's critical path): int64 tokens, rows, positions, write positions (base +
+        # position, a pooled cache); int32 ranges (rows, compact_len, span_start, span_len), base, the same ranges
+        # for a whole-cache read, a slow row's capture (slot or -1, lo, hi) and its slot's (row, lo, n, count, base).
+        self.long = torch.zeros(4, batch, dtype=torch.long, device=dev)
+        self.int = torch.zeros(17, batch, dtype=torch.int32, device=dev)
+        self.tokens, self.rows, self.positions, self.write_at = self.long.unbind(0)
+        self.meta, self.base, self.dense_meta = self.int[0:4], self.int[4], self.int[5:9]
+        self.capture_meta, self.slot_meta = self.int[9:12], self.int[12:17]
+        pinned = dev.type == "cuda"
+        self.host_long = torch.zeros(self.long.shape, dtype=torch.long, pin_memory=pinned)
+        self.host_int = torch.zeros(self.int.shape, dtype=torch.int32, pin_memory=pinned)
         self.refresh: dict[tuple[int, int], StepRefresh] = {}  # by key capacity and slow-row slots
-        # Host staging, copied in one transfer per step.
-        self.host = torch.zeros(N_HOST, batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied: torch.cuda.Event | None = None
+
+    def stage(self, tokens, rows, positions, compact_len, span_start, span, base, slow, k_head: int) -> None:
+        """Fill the host twins and start their transfers (after the last step's have read them)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        b = len(rows)
+        capture = [[-1] * b, [0] * b, [0] * b]
+        slot = [[0] * b for _ in range(5)]
+        for s, (i, lo, hi) in enumerate(slow):
+            capture[0][i], capture[1][i], capture[2][i] = s, base[i] + lo, base[i] + hi
+            for r, v in enumerate((rows[i], lo, hi - lo, min(k_head, hi - lo), base[i])):
+                slot[r][s] = v
+        write_at = [a + p for a, p in zip(base, positions, strict=True)]
+        starts = [a + s for a, s in zip(base, span_start, strict=True)]
+        self.host_long.copy_(torch.tensor([tokens, rows, positions, write_at]))
+        self.host_int.copy_(torch.tensor([rows, compact_len, starts, span, base, rows, [0] * b, base,
+                                          [p + 1 for p in positions], *capture, *slot], dtype=torch.int32))
+        self.long.copy_(self.host_long, non_blocking=True)
+        self.int.copy_(self.host_int, non_blocking=True)
+        if self.long.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def step(self, memory: SparseMemory | None, shape: _Shape, refresh: StepRefresh | None, probe=None) -> DecodeStep:
         rows, clen, start, span = self.meta.unbind(0)
@@ -168,39 +192,13 @@ class StaticDecoder:
         else:
             max_keys, split = _capacity(self.longest if n_slow else max(keys), heads)
             shape = _Shape(b, max_keys, split, n_slow, self.dense_layers, dense_keys, dense_split)
-        host = buf.host
-        if buf.copied is not None:
-            buf.copied.synchronize()  # the last step's asynchronous copy has read the pinned buffer
-        for i, values in enumerate((tokens, rows, positions, rows, compact_len,
-                                    [a + s for a, s in zip(base, span_start, strict=True)], span)):
-            host[i] = torch.as_tensor(values, dtype=torch.long)
-        host[7:15] = 0
-        host[7] = -1
-        host[15] = torch.as_tensor(base, dtype=torch.long)
-        host[16] = host[15] + host[2]
-        k_head = self.memory.k_head if self.memory is not None else 0
-        for s, (i, lo, hi) in enumerate(slow):
-            host[7:10, i] = torch.tensor([s, base[i] + lo, base[i] + hi])
-            host[10:15, s] = torch.tensor([rows[i], lo, hi - lo, min(k_head, hi - lo), base[i]])
-        dev = host.to(self.model.device, non_blocking=True)
-        if self.model.device.type == "cuda":
-            buf.copied = torch.cuda.Event()
-            buf.copied.record()
-        buf.tokens.copy_(dev[0])
-        buf.rows.copy_(dev[1])
-        buf.positions.copy_(dev[2])
-        buf.meta.copy_(dev[3:7])
-        buf.base.copy_(dev[15])
-        buf.write_at.copy_(dev[16])
-        if self.dense_layers:
-            buf.dense_meta[0].copy_(dev[3])
-            buf.dense_meta[2].copy_(dev[15])
-            buf.dense_meta[3].copy_(dev[2] + 1)
+        buf.stage(tokens, rows, positions, compact_len, span_start, span, base, slow,
+                  self.memory.k_head if self.memory is not None else 0)
         refresh = None
         if slow:
             refresh = self._refresh(buf, b, shape.slow_keys or max_keys, n_slow)
-            refresh.row_meta.copy_(dev[7:10])
-            refresh.meta.copy_(dev[10:15, :refresh.meta.shape[1]])
+            refresh.row_meta.copy_(buf.capture_meta)
+            refresh.meta.copy_(buf.slot_meta[:, :refresh.meta.shape[1]])
             refresh = refresh.for_step(len(slow))
         if not self.graphs or probe is not None:
             self.captured = False
