@@ -246,13 +246,17 @@ def default_split(max_keys: int, row_heads: int = 8, cap: int = 512) -> int:
 def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
                             scale: float | None = None, max_keys: int | None = None,
                             split: int | None = None, block_n: int = 32, num_warps: int = 4,
-                            num_stages: int = 2, capture: LogitCapture | None = None, native_tiles: bool = True
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_stages: int | None = None, capture: LogitCapture | None = None,
+                            native_tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync.
     `native_tiles` (bf16/fp16 on a GPU only): products on the cache's own type with float32 accumulation, the
     probabilities rounded to that type before the value product, instead of tiles upcast to float32; on an H200
     12-16% less time per layer at 8k-128k, batch 1-16, output 2.3e-3 apart
-    (bench/results/2026-12-03-h200-micro.json)."""
+    (bench/results/2026-12-03-h200-micro.json). `num_stages` (the key tiles' software pipeline) by default 3 for a
+    launch of several rows or of 1,024 programs and more, 2 for one row's shorter launches and for captures: in CUDA
+    graphs on an H200 (bench/ab_stages.py, bench/results/2026-12-03-h200-ab-stages-2.json) 3 stages took 4-11% less
+    time for dense rows at 8k x 16, 32k x 4, 128k x 1 and x 4 and fast rows at 32k x 4 and x 16, and 3-20% more for
+    one row's launches at 8k and 32k and for a slow row's captured pass."""
     _check(q, k_cache, compact_k, rows)
     if capture is not None:
         _check_capture(q, k_cache, capture)
@@ -267,6 +271,8 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         max_keys = int((compact_len + span_len).max())
     split = split or default_split(max_keys, b * hkv)
     n_split = max(1, triton.cdiv(max_keys, split))
+    if num_stages is None:
+        num_stages = 3 if capture is None and (b > 1 or b * hkv * n_split >= 1024) else 2
     part_o = torch.empty(b, hq, n_split, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, n_split, dtype=torch.float32, device=q.device)
     for t in (k_cache, v_cache, compact_k, compact_v):

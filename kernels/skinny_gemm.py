@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from .fused import silu_mul
 from .pdl import launch_options, use_pdl
 
 try:
@@ -102,9 +103,11 @@ def _interpreting() -> bool:
 def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a shape. From a sweep in CUDA graphs on an H200
     (bench/gpu_micro.py, bench/results/2026-12-01-h200-micro.json): 32 columns by 128 keys per step for several
-    rows, 4 by 1024 for one; narrow matrices with a long K (4096 and up) split it until there are about two
-    programs per multiprocessor (a split K of 2560 measured slower than none)."""
-    block_n, block_k = (4, 1024) if m == 1 else (32, 128)
+    rows; narrow matrices with a long K (4096 and up) split it until there are about two programs per multiprocessor
+    (a split K of 2560 measured slower than none). One row: 2 columns by 1024 keys, from the chain of a step's
+    projections with PDL (bench/pdl_probe.py, 2026-12-03-h200-pdl-probe-2.json: 2.11 ms for 36 layers against
+    2.70 with 4 columns and 2.40 for cuBLAS)."""
+    block_n, block_k = (2, 1024) if m == 1 else (32, 128)
     programs = -(-n // block_n)
     split = 1
     while k >= 4096 and programs * split < 264 and k // (split * 2) >= 1024:
@@ -152,6 +155,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         x2 = x2.contiguous()
     block_n, block_k, split, warps, stages = config or default_config(m, n, k)
     m_pad = 1 if m == 1 else MAX_ROWS
+    if gated and m_pad > 1:
+        # On the tensor-core path the activation in the loads took 2x the time of its own launch (the x tiles then
+        # feed arithmetic, not the product, and their loads are not pipelined: 3.51 against 1.64 ms for 36 MLPs at
+        # 4 rows, bench/results/2026-12-03-h200-pdl-probe-2.json); one row's multiply-adds take it at no cost.
+        x2, gated = silu_mul(x2), False
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_split)
     pdl = use_pdl(x) if pdl is None else pdl and use_pdl(x)

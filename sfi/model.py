@@ -209,13 +209,16 @@ def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Te
     return (add_rms_norm if h.is_cuda else add_rms_norm_ref)(h, r, norm.weight, norm.eps)
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear(layer: nn.Linear, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
     """A projection of a decode step: on a GPU, the skinny Triton GEMM where it streams the weights faster than
     cuBLAS (up to 16 rows: see `skinny_pays`; with programmatic dependent launch, every shape, so the step's chain
-    of kernels overlaps launches throughout); otherwise nn.Linear."""
+    of kernels overlaps launches throughout); otherwise nn.Linear. `gated`: x is gate | up and the product's input
+    SiLU(gate) * up (`silu_mul`; for one row in the skinny GEMM's loads)."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and skinny_pays(rows, *layer.weight.shape, pdl=use_pdl(x)):
-        return skinny_linear(x, layer.weight, layer.bias)
+        return skinny_linear(x, layer.weight, layer.bias, gated=gated)
+    if gated:
+        x = (silu_mul if x.is_cuda else silu_mul_ref)(x)
     return layer(x)
 
 
@@ -385,7 +388,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.w2, (silu_mul if x.is_cuda else silu_mul_ref)(_linear(self.w13, x)))  # SiLU(gate) * up
+        return _linear(self.w2, _linear(self.w13, x), gated=True)  # SiLU(gate) * up, then the down projection
 
 
 class Block(nn.Module):
