@@ -183,30 +183,35 @@ if triton is not None:
 
 
     @triton.jit(do_not_specialize=["n_split"])
-    def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, n_split,
-                             D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        """One (row, head): combine the splits' partial outputs by their log-sum-exp; empty splits carry -inf."""
+    def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, n_split, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        """One (row, head) and BLOCK_D of its D outputs: combine the splits' partial outputs by their log-sum-exp
+        in one pass (a running maximum, earlier sums rescaled when it grows); empty splits carry -inf. Spreading
+        D over programs and the single pass matter for one row's long launches: 32 programs each walking 256
+        splits twice took 32 us per layer for a 128k slow row on an H200 (2026-12-03-h200-profile-slow-pdl.json)."""
         pdl_wait(PDL)
         bh = tl.program_id(0)
-        d = tl.arange(0, D)
-        m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for start in range(0, n_split, BLOCK_S):
-            s = start + tl.arange(0, BLOCK_S)
-            m = tl.maximum(m, tl.load(part_lse_ptr + bh * n_split + s, mask=s < n_split, other=float("-inf")))
-        m_all = tl.max(m, axis=0)
-        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-        acc = tl.zeros([D], tl.float32)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        m = float("-inf")
+        m_safe = 0.0
+        acc = tl.zeros([BLOCK_D], tl.float32)
         denom = 0.0
         for start in range(0, n_split, BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)
             smask = s < n_split
-            w = tl.exp(tl.load(part_lse_ptr + bh * n_split + s, mask=smask, other=float("-inf")) - m_safe)
+            lse = tl.load(part_lse_ptr + bh * n_split + s, mask=smask, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)  # 0 while nothing has been seen (m = -inf)
+            w = tl.exp(lse - m_safe)
             o = tl.load(part_o_ptr + (bh * n_split + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-            acc += tl.sum(o * w[:, None], axis=0)
-            denom += tl.sum(w, axis=0)
+            acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+            denom = denom * alpha + tl.sum(w, axis=0)
+            m = m_new
         out = acc / tl.where(denom > 0, denom, 1.0)
         tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty))
-        tl.store(lse_ptr + bh, tl.where(denom > 0, m_safe + tl.log(denom), float("-inf")))
+        if tl.program_id(1) == 0:
+            tl.store(lse_ptr + bh, tl.where(denom > 0, m_safe + tl.log(denom), float("-inf")))
 
 
 def _check(q, k_cache, compact_k, rows) -> None:
@@ -301,8 +306,10 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    _merge_splits_kernel[(b * hq,)](part_o, part_lse, out, lse, n_split, D=d,
-                                    BLOCK_S=16 if n_split <= 16 else 64, num_warps=4, PDL=pdl, **launch_options(pdl))
+    block_d = min(32, d)
+    _merge_splits_kernel[(b * hq, triton.cdiv(d, block_d))](
+        part_o, part_lse, out, lse, n_split, D=d, BLOCK_D=block_d, BLOCK_S=16 if n_split <= 16 else 64, num_warps=4,
+        PDL=pdl, **launch_options(pdl))
     return out, lse
 
 
