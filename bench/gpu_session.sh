@@ -47,9 +47,6 @@ run_stage() {
     # The same points with the ranged kernel's float32-upcast tiles, for an A/B against native tiles.
     bench-upcast) python3 bench/ab_kernel.py native_tiles=false -- bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --no-torch \
                     --json "$OUT/bench-upcast.json" ;;
-    # The long-row sweep's lead (3 pipeline stages) end to end, against bench-long / bench-slow in the same call.
-    bench-stages3) python3 bench/ab_kernel.py num_stages=3 -- bench --ctx 32k,128k --batch 1,4 --new-tokens 256 --no-hf \
-                     --no-torch --json "$OUT/bench-stages3.json" ;;
     # Where slow rows cost the most: 32k and 128k at batch 4, SFI and dense only.
     bench-slow) python3 -m sfi_cli.main bench --ctx 32k,128k --batch 4 --new-tokens 256 --no-hf --no-torch \
                   --json "$OUT/bench-slow.json" ;;

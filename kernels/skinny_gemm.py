@@ -5,7 +5,9 @@ weights: each program owns BLOCK_N output columns (BLOCK_N rows of w, read once,
 SPLIT_K > 1, one of SPLIT_K slices of K, so that narrow matrices (N = hidden size) still put enough programs
 on the GPU. Split partials go to a float32 buffer [SPLIT_K, M, N] and a second launch adds them in a fixed
 order: no atomics, so results do not depend on timing. Rows go through the tensor cores padded to 16
-(M >= 2) or, for one row, as plain multiply-adds.
+(M >= 2) or, for one row, as plain multiply-adds. With `gated`, x is the gated MLP's gate | up and the product's
+input SiLU(gate) * up, computed in the loads for one row. On Hopper and later GPUs both launches take programmatic
+dependent launch (kernels/pdl.py).
 
 `w` is an nn.Linear weight (row-major [N, K]); x [..., K] with prod(...) = M. float32 accumulation.
 """
