@@ -78,7 +78,9 @@ def test_rejects_bad_shapes():
         ranged_decode_attention(q, kc, kc, kc, kc, torch.zeros(2, dtype=torch.int32), ones, ones, ones)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# bf16 on a GPU only: the interpreter upcasts bf16 tiles to float32, the float32 case's path (40 s of CI time).
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="the interpreter upcasts bf16 tiles: the float32 case"))])
 @pytest.mark.parametrize("hq,hkv,d", [(12, 3, 128), (4, 4, 64), (8, 2, 64)])
 def test_capture_writes_domain_logits(hq, hkv, d, dtype):
     """Slow rows leave their domain's logits and key norms from the attention pass; nothing else is written."""
