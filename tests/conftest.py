@@ -18,6 +18,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 from sfi.default_model import default_model_dir
 
 
+def pytest_collection_modifyitems(items):
+    """The `long` tests first: with `-n auto` the workers then share out the short ones at the end instead of one
+    worker running a long test alone while the others have finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def smol_dir():
     return default_model_dir()

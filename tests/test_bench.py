@@ -64,6 +64,7 @@ def test_bench_a_real_checkpoint(tmp_path):
     assert main(["bench", "--model", str(folder), "--random-weights"]) == 1
 
 
+@pytest.mark.long
 def test_workload_bench_runs_sfi_and_dense_continuous_and_static(tmp_path):
     from sfi.tools.workload import mix_jobs, write_jobs
 

@@ -40,6 +40,7 @@ def smol_gguf(smol_dir):
     return smol_dir / DEFAULT_GGUF_NAME
 
 
+@pytest.mark.long
 def test_safetensors_equal_transformers_gguf_load(smol_dir, smol_gguf):
     from transformers import AutoModelForCausalLM
 

@@ -134,6 +134,7 @@ def test_lam_takes_every_branch():
     assert_matches(selector_scores(z, norms, nt, params), expected(z, norms, nt, params))
 
 
+@pytest.mark.long
 def test_many_chunks_and_strided_views():
     """Chunks of 128 positions, two blocks each (9 per problem: every merge path), over non-contiguous views."""
     n, h, r, c = [1110, 700, 65], 3, 3, 1110

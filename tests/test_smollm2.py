@@ -36,6 +36,7 @@ def models(smol_dir):
     return ours, theirs
 
 
+@pytest.mark.long
 def test_logits_match_transformers_on_long_prose(models):
     ours, theirs = models
     ids = torch.tensor(ours.tokenizer(prose(6000, 1))["input_ids"][:1200])
@@ -60,6 +61,7 @@ def test_greedy_generation_matches_transformers_token_for_token(models):
     assert req.stopper.token_ids == ref
 
 
+@pytest.mark.long
 def test_default_model_end_to_end_finds_passkey(tmp_path):
     haystack = prose(8000, 7)
     cut = haystack.find(". ", len(haystack) // 3) + 2
@@ -81,6 +83,7 @@ def test_default_model_end_to_end_finds_passkey(tmp_path):
     assert "58413" in got["passkey"]["text"]
 
 
+@pytest.mark.long
 def test_continuous_batching_on_the_default_model(tmp_path):
     """Two slots for five jobs (one document asked three questions, sharing its prefix, and two others), SFI with
     the default recipe: the same text per job as one job at a time with no prefix reuse."""

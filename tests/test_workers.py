@@ -161,6 +161,7 @@ def test_ray_cluster_out_of_reach_is_a_message(ckpt, tmp_path, monkeypatch, caps
     assert "could not connect to the Ray cluster at 10.9.9.9:6379" in err and "Traceback" not in err
 
 
+@pytest.mark.long
 def test_ray_actors_write_what_one_process_writes_and_survive_a_killed_actor(ckpt, tmp_path):
     """A local Ray instance, two CPU actors: the same texts as one process; then one actor's process is killed
     mid-run (SIGKILL, as a lost node): its unfinished jobs are decoded again, none lost or duplicated."""
