@@ -18,9 +18,9 @@ Preconditions not checked on the host (that would need a sync): rows distinct an
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .pdl import interpreting
 
 try:
     import triton
@@ -134,7 +134,7 @@ def _check(k_cache, v_cache, mem_k, mem_v, rows, lo, count, picks, sink: int, ca
 def compact_write(k_cache, v_cache, mem_k, mem_v, rows, lo, count, picks, sink: int, cache_rows=None, base=None,
                   block_rows: int = 32, num_warps: int = 4) -> None:
     """See the module docstring. Writes mem_k and mem_v in place; one launch, no host reads."""
-    if triton is None or not (k_cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton is None or not (k_cache.is_cuda or interpreting()):
         compact_write_ref(k_cache, v_cache, mem_k, mem_v, rows, lo, count, picks, sink, cache_rows, base)
         return
     _check(k_cache, v_cache, mem_k, mem_v, rows, lo, count, picks, sink, cache_rows, base)

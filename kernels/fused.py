@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .pdl import launch_options, use_pdl
+from .pdl import interpreting, pdl_kwargs, use_pdl
 
 try:
     import triton
@@ -78,16 +78,8 @@ def decode_qkv_ref(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_ca
     return q if out is None else out.copy_(q)
 
 
-def _pdl(x: torch.Tensor) -> dict:
-    """A kernel's PDL constexpr and launch option (kernels/pdl.py)."""
-    pdl = use_pdl(x)
-    return {"PDL": pdl, **launch_options(pdl)}
-
-
 def _use_triton(x: torch.Tensor) -> bool:
-    import os
-
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (x.is_cuda or interpreting())
 
 
 if triton is not None:
@@ -198,7 +190,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), n, eps,
                                      BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4,
-                                     **_pdl(x))
+                                     **pdl_kwargs(use_pdl(x)))
     return y.view(x.shape)
 
 
@@ -214,7 +206,7 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
     h, y = torch.empty_like(x2), torch.empty_like(x2)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
                                          n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4,
-                                         **_pdl(x))
+                                         **pdl_kwargs(use_pdl(x)))
     return h.view(x.shape), y.view(x.shape)
 
 
@@ -229,7 +221,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     y = torch.empty(gu.shape[0], n, dtype=gu.dtype, device=gu.device)
     block = min(2048, triton.next_power_of_2(n))
     _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block,
-                                                          num_warps=4, **_pdl(gu))
+                                                          num_warps=4, **pdl_kwargs(use_pdl(gu)))
     return y.view(*gate_up.shape[:-1], n)
 
 
@@ -258,5 +250,5 @@ def decode_qkv(qkv, q_norm, k_norm, eps, cos_table, sin_table, k_cache, v_cache,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), q.stride(0),
         *((0, 0) if key_norms is None else (key_norms.stride(0), key_norms.stride(1))),
         eps, HQ=n_heads, HKV=n_kv_heads, D=d, HAS_NORM=has_norm, HAS_L2=key_norms is not None, num_warps=1,
-        **_pdl(qkv))
+        **pdl_kwargs(use_pdl(qkv)))
     return q

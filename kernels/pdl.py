@@ -14,7 +14,8 @@ read what any earlier kernel wrote).
 
 The rule for a kernel taking PDL: call `pdl_wait(PDL)` before its first load of anything a kernel writes and
 before its first store. Kernels launched without PDL (torch's, cuBLAS's) keep plain stream order and need nothing.
-Off under Triton's interpreter and before Hopper; `SFI_PDL=0` turns it off (for A/B measurements).
+Off under Triton's interpreter and before Hopper; `SFI_PDL=0` turns it off (for A/B measurements). `interpreting()`,
+which every kernel module asks, lives here because PDL asks it first.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ except ImportError:  # no triton, or one without grid dependency control (before
     gdc_wait = gdc_launch_dependents = None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton kernels run under the interpreter (TRITON_INTERPRET=1: on a CPU, in the tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -46,13 +48,13 @@ def _capable(index: int) -> bool:
 
 def use_pdl(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with PDL."""
-    return (gdc_wait is not None and t.is_cuda and not _interpreting() and os.environ.get("SFI_PDL", "1") != "0"
+    return (gdc_wait is not None and t.is_cuda and not interpreting() and os.environ.get("SFI_PDL", "1") != "0"
             and _capable(t.device.index if t.device.index is not None else torch.cuda.current_device()))
 
 
-def launch_options(pdl: bool) -> dict:
-    """The launch keyword for a kernel taking `PDL=pdl`."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_kwargs(pdl: bool) -> dict:
+    """A launch's keywords for a kernel taking `PDL: tl.constexpr`: the constexpr, and with it the launch option."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 if triton is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode_attention import decode_attention_ref
-from .pdl import launch_options, use_pdl
+from .pdl import interpreting, pdl_kwargs, use_pdl
 
 try:
     import triton
@@ -265,7 +265,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     _check(q, k_cache, compact_k, rows)
     if capture is not None:
         _check_capture(q, k_cache, capture)
-    if triton is None or not (q.is_cuda or _interpreting()):
+    if triton is None or not (q.is_cuda or interpreting()):
         return ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
                                            span_start, span_len, scale, capture)
     b, hq, d = q.shape
@@ -298,22 +298,16 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         scale, SPLIT=split, G=g, G_PAD=max(triton.next_power_of_2(g), 16), D=d, BLOCK_N=block_n,
         CAPTURE=c is not None,
         # Triton's interpreter multiplies bf16 tiles wrongly (3.9: garbage), so native tiles are a GPU path.
-        NATIVE=native_tiles and q.dtype in (torch.bfloat16, torch.float16) and not _interpreting(),
+        NATIVE=native_tiles and q.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
         # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
         # exact (ieee) products, since tf32 would round their mantissas.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
-        PDL=pdl, **launch_options(pdl),
+        **pdl_kwargs(pdl),
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     block_d = min(32, d)
     _merge_splits_kernel[(b * hq, triton.cdiv(d, block_d))](
         part_o, part_lse, out, lse, n_split, D=d, BLOCK_D=block_d, BLOCK_S=16 if n_split <= 16 else 64, num_warps=4,
-        PDL=pdl, **launch_options(pdl))
+        **pdl_kwargs(pdl))
     return out, lse
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -29,10 +29,11 @@ CPU, so the CPU path and this kernel share one definition of the Selector.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .pdl import interpreting
 
 try:
     import triton
@@ -462,10 +463,6 @@ def _check(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor,
         raise ValueError(f"expected an integer n, got {n.dtype}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _chunking(p: int, h: int, c: int, block: int, programs: int) -> tuple[int, int]:
     """(positions per chunk, a multiple of block; chunks NS): about `programs` programs over the P*H problems."""
     def cdiv(a: int, b: int) -> int:
@@ -482,7 +479,7 @@ def selector_scores(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, param
     chunk: positions per program of kernels 1-3 (a multiple of block), by default such that kernels 1-3 run
     about `programs` programs (P*H*NS)."""
     _check(z, norms, n, norm_at)
-    if triton is None or not (z.is_cuda or _interpreting()):
+    if triton is None or not (z.is_cuda or interpreting()):
         return selector_scores_ref(z, norms, n, params, norm_at)
     if z.stride(-1) != 1 or norms.stride(-1) != 1:
         raise ValueError(f"z and norms must be contiguous along positions; strides {z.stride()}, {norms.stride()}")
@@ -493,7 +490,7 @@ def selector_scores(z: torch.Tensor, norms: torch.Tensor, n: torch.Tensor, param
     out = torch.empty(p_count, h, c, dtype=torch.float32, device=z.device)
     if out.numel() == 0:
         return out
-    interp = _interpreting()
+    interp = interpreting()
     # The interpreter runs programs one by one: few, wide ones.
     block = block or (min(256, max(16, triton.next_power_of_2(c))) if interp else 512)
     block_b = block_b or (min(256, max(16, triton.next_power_of_2(c))) if interp else 512)

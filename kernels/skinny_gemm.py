@@ -14,12 +14,10 @@ dependent launch (kernels/pdl.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .fused import silu_mul
-from .pdl import launch_options, use_pdl
+from .pdl import interpreting, pdl_kwargs, use_pdl
 
 try:
     import triton
@@ -98,10 +96,6 @@ if triton is not None:
         tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a shape. From a sweep in CUDA graphs on an H200
     (bench/gpu_micro.py, bench/results/2026-12-01-h200-micro.json): 32 columns by 128 keys per step for several
@@ -147,7 +141,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     n, k = w.shape
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    if triton is None or m > MAX_ROWS or m == 0 or not (x.is_cuda or _interpreting()):
+    if triton is None or m > MAX_ROWS or m == 0 or not (x.is_cuda or interpreting()):
         return skinny_linear_ref(x, w, bias, gated)
     if x.dtype != w.dtype:
         raise ValueError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}")
@@ -171,12 +165,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     _skinny_gemm_kernel[(triton.cdiv(n, block_n), split)](
         x2, w, b, y, part, m, n, k, x2.stride(0), w.stride(0), y.stride(0), k_split,
         # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
-        HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=_interpreting() or x.dtype == torch.float32,
-        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PDL=pdl, GATED=gated,
-        num_warps=warps, num_stages=stages, **launch_options(pdl))
+        HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=interpreting() or x.dtype == torch.float32,
+        M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, GATED=gated,
+        num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](part, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None,
-                                                      M_PAD=m_pad, SPLIT_K=split, BLOCK=block, PDL=pdl, num_warps=4,
-                                                      **launch_options(pdl))
+                                                      M_PAD=m_pad, SPLIT_K=split, BLOCK=block, num_warps=4,
+                                                      **pdl_kwargs(pdl))
     return y.view(*x.shape[:-1], n)

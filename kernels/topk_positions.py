@@ -15,9 +15,9 @@ The torch reference takes about ten launches over [P, H, C] index tensors for th
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .pdl import interpreting
 
 try:
     import triton
@@ -91,7 +91,7 @@ def _check(score: torch.Tensor, kth: torch.Tensor, k: int, n_above: torch.Tensor
 def kept_positions(score: torch.Tensor, kth: torch.Tensor, k: int, n_above: torch.Tensor | None = None,
                    block: int = 4096) -> torch.Tensor:
     """See the module docstring."""
-    if triton is None or not (score.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton is None or not (score.is_cuda or interpreting()):
         return kept_positions_ref(score, kth, k, n_above)
     _check(score, kth, k, n_above)
     p, h, c = score.shape

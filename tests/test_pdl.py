@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from sfi_kernels import add_rms_norm, skinny_linear, use_pdl
-from sfi_kernels.pdl import launch_options
+from sfi_kernels.pdl import pdl_kwargs
 
 GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def test_off_on_a_cpu_and_its_launch_option():
+def test_off_on_a_cpu_and_its_launch_keywords():
     assert not use_pdl(torch.zeros(1))
-    assert launch_options(False) == {} and launch_options(True) == {"launch_pdl": True}
+    assert pdl_kwargs(False) == {"PDL": False} and pdl_kwargs(True) == {"PDL": True, "launch_pdl": True}
 
 
 @pytest.mark.skipif(not GPU, reason="programmatic dependent launch needs a Hopper or later GPU")
