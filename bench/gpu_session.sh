@@ -20,8 +20,16 @@ run_stage() {
     pdl-probe) python3 bench/pdl_probe.py "$OUT/pdl-probe.json" ;;
     tests-ranged) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py ;;
     # The kernels that take programmatic dependent launch, on the GPU (PDL on, the default there).
-    tests-pdl) python3 -m pytest -q -x -p no:cacheprovider tests/test_skinny_gemm.py tests/test_fused_kernels.py \
-                 tests/test_ranged_kernel.py ;;
+    tests-pdl) python3 -m pytest -q -x -p no:cacheprovider tests/test_pdl.py tests/test_skinny_gemm.py \
+                 tests/test_fused_kernels.py tests/test_ranged_kernel.py ;;
+    # The residual projections' split sums folded into add + RMSNorm (sfi.model.FOLD_SPLIT_SUMS) off, then on.
+    ab-fold) for fold in False True; do
+               python3 -c "import sys, sfi.model as m; m.FOLD_SPLIT_SUMS = $fold
+from sfi_cli.main import app; app(sys.argv[1:])" bench --ctx 8k,32k --batch 4 --new-tokens 256 --no-hf --no-torch \
+                 --json "$OUT/ab-fold-$fold.json"
+             done ;;
+    # A step holding a slow row against a fast-only step, part by part (8k x 16 and 32k x 4).
+    slow-parts) python3 bench/slow_parts.py "$OUT/slow-parts.json" ;;
     sweep-long) python3 bench/gpu_kernel_sweep.py "$OUT/sweep-long.json" long ;;
     bench-8k) python3 -m sfi_cli.main bench --ctx 8k --batch 1,16 --new-tokens 256 --json "$OUT/bench-8k.json" ;;
     prefill-check) python3 bench/gpu_prefill_check.py "$OUT/prefill-check.json" ;;

@@ -3,7 +3,8 @@
 - `rms_norm`: x [M, N] -> RMSNorm(x) * weight, computed as the model does (float32 statistics, the
   normalised row cast to x's dtype, then scaled by the weight in x's dtype).
 - `add_rms_norm`: the residual add and the next RMSNorm in one pass: (h = x + r, RMSNorm(h) * weight),
-  h rounded to x's dtype before its statistics, as the two separate ops round.
+  h rounded to x's dtype before its statistics, as the two separate ops round; r may also be a skinny
+  product's split-K partials, which it adds first (the product's own split-sum launch saved).
 - `silu_mul`: the gated MLP's SiLU(gate) * up from the fused gate|up projection [M, 2I] -> [M, I], with
   the rounding of `F.silu(gate) * up`.
 - `decode_qkv`: B tokens, each with its own cache row and position (one per row in a decode step; a prefill
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .partials import SplitPartials
 from .pdl import interpreting, pdl_kwargs, use_pdl
 
 try:
@@ -39,9 +41,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * xf.to(x.dtype)
 
 
-def add_rms_norm_ref(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+def add_rms_norm_ref(x: torch.Tensor, r: torch.Tensor | SplitPartials, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    h = x + r
+    h = x + (r.sum() if isinstance(r, SplitPartials) else r)
     return h, rms_norm_ref(h, weight, eps)
 
 
@@ -104,15 +106,24 @@ if triton is not None:
         _store_normed(x, w_ptr, y_ptr + row * stride_y, cols, mask, N, eps)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_h, stride_y, N, eps,
-                             BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, r_ptr, rb_ptr, w_ptr, h_ptr, y_ptr, stride_x, stride_r, stride_rs, stride_h,
+                             stride_y, N, eps, BLOCK: tl.constexpr, R_SPLIT: tl.constexpr, R_BIAS: tl.constexpr,
+                             PDL: tl.constexpr):
         pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        if R_SPLIT == 0:
+            r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        else:  # a product's split-K partials (skinny_gemm.SplitPartials), added as its split sum adds them
+            acc = tl.zeros([BLOCK], tl.float32)
+            for s in tl.static_range(R_SPLIT):
+                acc += tl.load(r_ptr + s * stride_rs + row * stride_r + cols, mask=mask, other=0.0)
+            if R_BIAS:
+                acc += tl.load(rb_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            r = acc.to(x.dtype).to(tl.float32)
+        h = (x.to(tl.float32) + r).to(x.dtype)
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
         _store_normed(h, w_ptr, y_ptr + row * stride_y, cols, mask, N, eps)
 
@@ -194,19 +205,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor | SplitPartials, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + r, RMSNorm(x + r) * weight) over the last dim (see the module docstring)."""
-    if x.shape != r.shape or x.dtype != r.dtype:
+    """(x + r, RMSNorm(x + r) * weight) over the last dim (see the module docstring). `r` may be a product's
+    unsummed split-K partials (`skinny_gemm.SplitPartials`): added here, in the split-sum kernel's order."""
+    split = isinstance(r, SplitPartials)
+    if tuple(x.shape) != tuple(r.shape) or x.dtype != r.dtype:
         raise ValueError(f"x and r must match: {tuple(x.shape)} {x.dtype} vs {tuple(r.shape)} {r.dtype}")
     if not _use_triton(x):
         return add_rms_norm_ref(x, r, weight, eps)
     n = x.shape[-1]
-    x2, r2 = x.reshape(-1, n).contiguous(), r.reshape(-1, n).contiguous()
+    x2 = x.reshape(-1, n).contiguous()
+    if split:  # part [S, M_PAD, N], contiguous
+        r2, bias, split_stride, parts = r.part, r.bias, r.part.stride(0), r.part.shape[0]
+    else:
+        r2, bias, split_stride, parts = r.reshape(-1, n).contiguous(), None, 0, 0
     h, y = torch.empty_like(x2), torch.empty_like(x2)
-    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, h, y, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0),
-                                         n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4,
-                                         **pdl_kwargs(use_pdl(x)))
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight if bias is None else bias, weight, h, y, x2.stride(0),
+                                         r2.stride(-2), split_stride, h.stride(0), y.stride(0), n, eps,
+                                         BLOCK=triton.next_power_of_2(n), R_SPLIT=parts, R_BIAS=bias is not None,
+                                         num_warps=8 if n > 2048 else 4, **pdl_kwargs(use_pdl(x)))
     return h.view(x.shape), y.view(x.shape)
 
 

@@ -236,6 +236,15 @@ def _check_capture(q: torch.Tensor, k_cache: torch.Tensor, c: LogitCapture) -> N
         raise ValueError("capture: z must be float32 with unit stride along C")
 
 
+def _check_out(q: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    o, lse = out
+    b, hq, d = q.shape
+    if o.shape != (b, hq, d) or o.dtype != q.dtype or not o.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {q.dtype} [{b}, {hq}, {d}], got {o.dtype} {tuple(o.shape)}")
+    if lse.shape != (b, hq) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"out: expected a contiguous float32 lse [{b}, {hq}], got {lse.dtype} {tuple(lse.shape)}")
+
+
 def default_split(max_keys: int, row_heads: int = 8, cap: int = 512) -> int:
     """Keys per split for rows of up to `max_keys` keys and `row_heads` = rows x KV heads: the smallest power of
     two from 64 to `cap` that keeps the launch within about 640 programs. Short rows at small batches need short
@@ -252,7 +261,8 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
                             scale: float | None = None, max_keys: int | None = None,
                             split: int | None = None, block_n: int = 32, num_warps: int = 4,
                             num_stages: int | None = None, capture: LogitCapture | None = None,
-                            native_tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            native_tiles: bool = True, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `max_keys` (host-side max of compact_len + span_len) avoids a device sync.
     `native_tiles` (bf16/fp16 on a GPU only): products on the cache's own type with float32 accumulation, the
     probabilities rounded to that type before the value product, instead of tiles upcast to float32; on an H200
@@ -261,13 +271,21 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     launch of several rows or of 1,024 programs and more, 2 for one row's shorter launches and for captures: in CUDA
     graphs on an H200 (bench/ab_stages.py, bench/results/2026-12-03-h200-ab-stages-2.json) 3 stages took 4-11% less
     time for dense rows at 8k x 16, 32k x 4, 128k x 1 and x 4 and fast rows at 32k x 4 and x 16, and 3-20% more for
-    one row's launches at 8k and 32k and for a slow row's captured pass."""
+    one row's launches at 8k and 32k and for a slow row's captured pass. `out`: (out [B, Hq, D], lse [B, Hq])
+    tensors to write the results into (contiguous; e.g. rows of a larger batch's outputs), returned."""
     _check(q, k_cache, compact_k, rows)
+    if out is not None:
+        _check_out(q, out)
     if capture is not None:
         _check_capture(q, k_cache, capture)
     if triton is None or not (q.is_cuda or interpreting()):
-        return ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
-                                           span_start, span_len, scale, capture)
+        result = ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
+                                             span_start, span_len, scale, capture)
+        if out is None:
+            return result
+        out[0].copy_(result[0])
+        out[1].copy_(result[1])
+        return out
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
@@ -304,8 +322,10 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
         **pdl_kwargs(pdl),
     )
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = (torch.empty(b, hq, d, dtype=q.dtype, device=q.device),
+               torch.empty(b, hq, dtype=torch.float32, device=q.device))
+    out, lse = out
     block_d = min(32, d)
     _merge_splits_kernel[(b * hq, triton.cdiv(d, block_d))](
         part_o, part_lse, out, lse, n_split, D=d, BLOCK_D=block_d, BLOCK_S=16 if n_split <= 16 else 64, num_warps=4,

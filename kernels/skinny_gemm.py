@@ -4,10 +4,11 @@ A decode step multiplies a few activation rows by every weight matrix once, so i
 weights: each program owns BLOCK_N output columns (BLOCK_N rows of w, read once, contiguous along K) and, with
 SPLIT_K > 1, one of SPLIT_K slices of K, so that narrow matrices (N = hidden size) still put enough programs
 on the GPU. Split partials go to a float32 buffer [SPLIT_K, M, N] and a second launch adds them in a fixed
-order: no atomics, so results do not depend on timing. Rows go through the tensor cores padded to 16
-(M >= 2) or, for one row, as plain multiply-adds. With `gated`, x is the gated MLP's gate | up and the product's
-input SiLU(gate) * up, computed in the loads for one row. On Hopper and later GPUs both launches take programmatic
-dependent launch (kernels/pdl.py).
+order: no atomics, so results do not depend on timing; with `partial`, that sum is left to the consumer (a
+`SplitPartials`, which `add_rms_norm` adds in the same order: one launch fewer). Rows go through the tensor
+cores padded to 16 (M >= 2) or, for one row, as plain multiply-adds. With `gated`, x is the gated MLP's
+gate | up and the product's input SiLU(gate) * up, computed in the loads for one row. On Hopper and later GPUs
+both launches take programmatic dependent launch (kernels/pdl.py).
 
 `w` is an nn.Linear weight (row-major [N, K]); x [..., K] with prod(...) = M. float32 accumulation.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .fused import silu_mul
+from .partials import SplitPartials
 from .pdl import interpreting, pdl_kwargs, use_pdl
 
 try:
@@ -127,12 +129,13 @@ def skinny_pays(m: int, n: int, k: int, pdl: bool = False) -> bool:
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                   config: tuple[int, int, int, int, int] | None = None, pdl: bool | None = None,
-                  gated: bool = False) -> torch.Tensor:
+                  gated: bool = False, partial: bool = False) -> torch.Tensor | SplitPartials:
     """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off
     a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). `pdl`
     (default: where the device has it, kernels/pdl.py): launched with programmatic dependent launch. `gated`: x is
     [..., 2K], gate | up, and the product is SiLU(gate) * up @ w^T (the gated MLP's down projection with the
-    activation in its loads, rounded as `silu_mul` rounds)."""
+    activation in its loads, rounded as `silu_mul` rounds). `partial`: where K is split, return the partials
+    unsummed (`SplitPartials`) for a consumer that adds them (`add_rms_norm`); otherwise the product as usual."""
     if w.dim() != 2 or x.shape[-1] != w.shape[1] * (2 if gated else 1):
         want = "[..., 2K] (gate | up)" if gated else "[..., K]"
         raise ValueError(f"expected x {want} and w [N, K], got x {tuple(x.shape)}, w {tuple(w.shape)}")
@@ -168,6 +171,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=interpreting() or x.dtype == torch.float32,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, GATED=gated,
         num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
+    if split > 1 and partial:
+        return SplitPartials(part, bias, m, (*x.shape[:-1], n), x.dtype)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](part, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None,

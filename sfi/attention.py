@@ -46,12 +46,14 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
         out, lse = _ranged(q, kc, vc, mem_k, mem_v, (rows, clen, start, span), scale, max_keys, split, capture)
     else:  # the slow rows (first) with a split for their whole caches, then the others with one for their short
         # ranges: a slow row's split would give every fast row hundreds of empty blocks
+        # ranges, each writing its rows of one output (no concatenation: two launches fewer per layer)
         meta = (rows, clen, start, span)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         slow_capture = capture and LogitCapture(capture.slot[:f], capture.lo[:f], capture.hi[:f], capture.z)
-        slow = _ranged(q[:f], kc, vc, mem_k, mem_v, [t[:f] for t in meta], scale, step.slow_keys, step.slow_split,
-                       slow_capture)
-        fast = _ranged(q[f:], kc, vc, mem_k, mem_v, [t[f:] for t in meta], scale, max_keys, split, None)
-        out, lse = torch.cat((slow[0], fast[0])), torch.cat((slow[1], fast[1]))
+        _ranged(q[:f], kc, vc, mem_k, mem_v, [t[:f] for t in meta], scale, step.slow_keys, step.slow_split,
+                slow_capture, (out[:f], lse[:f]))
+        _ranged(q[f:], kc, vc, mem_k, mem_v, [t[f:] for t in meta], scale, max_keys, split, None, (out[f:], lse[f:]))
     if refresh is not None:
         refresh.after_attention(layer)  # after a group of layers: its Selector and compaction, on a side stream
     if step.probe is not None:
@@ -64,15 +66,22 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     return out
 
 
-def _ranged(q, kc, vc, mem_k, mem_v, meta, scale, max_keys, split, capture):
-    """One launch of the ranged kernel on a GPU (its reference on a CPU) for the rows of `meta`."""
+def _ranged(q, kc, vc, mem_k, mem_v, meta, scale, max_keys, split, capture, out=None):
+    """One launch of the ranged kernel on a GPU (its reference on a CPU) for the rows of `meta`, into `out` (output,
+    lse) if given."""
     rows, clen, start, span = meta
     if q.is_cuda:
         # A captured (slow) launch takes tiles of 64 keys: on an H200, one row, 36 layers, 170 against 209 us per
         # layer at 128k and 55 against 68 at 32k (bench/results/2026-12-03-h200-micro-cap-nonorm.json).
         return ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
-                                       split=split, capture=capture, block_n=64 if capture is not None else 32)
-    return ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
+                                       split=split, capture=capture, block_n=64 if capture is not None else 32,
+                                       out=out)
+    result = ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
+    if out is None:
+        return result
+    for dst, src in zip(out, result, strict=True):
+        dst.copy_(src)
+    return out
 
 
 BOOTSTRAP_BYTES = 1 << 30  # float32 logits and keys of the layers one bootstrap pass selects for

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfi_kernels import (
+    SplitPartials,
     add_rms_norm,
     add_rms_norm_ref,
     decode_qkv,
@@ -204,19 +205,27 @@ class RMSNorm(nn.Module):
         return (rms_norm if x.is_cuda else rms_norm_ref)(x, self.weight, self.eps)
 
 
-def _add_norm(h: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + r, norm(h + r)): one fused launch on a GPU, the kernel's reference on a CPU."""
+def _add_norm(h: torch.Tensor, r: torch.Tensor | SplitPartials, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + r, norm(h + r)): one fused launch on a GPU (r may be a product's split-K partials), the kernel's
+    reference on a CPU."""
     return (add_rms_norm if h.is_cuda else add_rms_norm_ref)(h, r, norm.weight, norm.eps)
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+# The residual's projections (attention output, MLP down) hand their split-K partials to the add + RMSNorm after
+# them instead of adding them in a launch of their own (kernels/partials.py); False: the split sum (for an A/B).
+FOLD_SPLIT_SUMS = True
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, gated: bool = False,
+            partial: bool = False) -> torch.Tensor | SplitPartials:
     """A projection of a decode step: on a GPU, the skinny Triton GEMM where it streams the weights faster than
     cuBLAS (up to 16 rows: see `skinny_pays`; with programmatic dependent launch, every shape, so the step's chain
     of kernels overlaps launches throughout); otherwise nn.Linear. `gated`: x is gate | up and the product's input
-    SiLU(gate) * up (`silu_mul`; for one row in the skinny GEMM's loads)."""
+    SiLU(gate) * up (`silu_mul`; for one row in the skinny GEMM's loads). `partial`: the product may come back as
+    its split-K partials (for `_add_norm`)."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and skinny_pays(rows, *layer.weight.shape, pdl=use_pdl(x)):
-        return skinny_linear(x, layer.weight, layer.bias, gated=gated)
+        return skinny_linear(x, layer.weight, layer.bias, gated=gated, partial=partial and FOLD_SPLIT_SUMS)
     if gated:
         x = (silu_mul if x.is_cuda else silu_mul_ref)(x)
     return layer(x)
@@ -373,11 +382,12 @@ class Attention(nn.Module):
         return out  # [1, Hq, T, D]
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-               step: DecodeStep) -> torch.Tensor:
+               step: DecodeStep, partial: bool = False) -> torch.Tensor | SplitPartials:
+        """x [B, 1, H] -> [B, 1, H]; `partial`: perhaps as split-K partials (see `_linear`)."""
         b = x.shape[0]
         q = self.qkv_into_cache(x[:, 0], cos, sin, cache, step)  # [B, Hq, D]; cos, sin: the whole tables
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
-        return _linear(self.wo, out.reshape(b, 1, -1))
+        return _linear(self.wo, out.reshape(b, 1, -1), partial=partial)
 
 
 class MLP(nn.Module):
@@ -387,8 +397,9 @@ class MLP(nn.Module):
         self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate | up
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.w2, _linear(self.w13, x), gated=True)  # SiLU(gate) * up, then the down projection
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor | SplitPartials:
+        """SiLU(gate) * up, then the down projection; `partial`: perhaps as split-K partials (see `_linear`)."""
+        return _linear(self.w2, _linear(self.w13, x), gated=True, partial=partial)
 
 
 class Block(nn.Module):
@@ -524,9 +535,9 @@ class Transformer(nn.Module):
         # Block.forward unrolled so each residual add runs with the RMSNorm after it (one launch on a GPU).
         x = self.layers[0].attention_norm(h)
         for i, block in enumerate(self.layers):
-            h, x = _add_norm(h, block.attention.decode(x, cos, sin, cache, step), block.ffn_norm)
+            h, x = _add_norm(h, block.attention.decode(x, cos, sin, cache, step, partial=True), block.ffn_norm)
             after = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            h, x = _add_norm(h, block.mlp(x), after)
+            h, x = _add_norm(h, block.mlp(x, partial=True), after)
         if step.refresh is not None:
             step.refresh.finish()  # the last layers' refreshes are done before the step is
         return _linear(self.output, x[:, 0]).float()

@@ -171,3 +171,29 @@ def test_default_split_fills_the_gpu_without_too_many_programs():
             if split > 64:  # a shorter split would have gone over the budget
                 assert -(-keys // (split // 2)) * row_heads > 640
     assert default_split(2352, 8) == 64 and default_split(2352, 32) == 128 and default_split(8192, 32) == 512
+
+
+def test_out_writes_rows_of_a_larger_batch_and_nothing_else():
+    """Two launches writing the halves of one output (the step's slow and fast rows) give what one launch returns,
+    and leave the other rows' entries as they were."""
+    meta, hq, hkv, d = CASES[1]
+    torch.manual_seed(5)
+    b = len(meta)
+    q = torch.randn(b, hq, d, device=DEVICE)
+    kc, vc = (torch.randn(b, hkv, 1200, d, device=DEVICE) for _ in range(2))
+    kk, vk = (torch.randn(b, hkv, 64, d, device=DEVICE) for _ in range(2))
+    rows = torch.arange(b, dtype=torch.int32, device=DEVICE)
+    clen, sstart, slen = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in zip(*meta, strict=True))
+    args = (kc, vc, kk, vk)
+    want_out, want_lse = ranged_decode_attention(q, *args, rows, clen, sstart, slen, split=64)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, hq), float("nan"), device=DEVICE)
+    first = ranged_decode_attention(q[:1], *args, rows[:1], clen[:1], sstart[:1], slen[:1], split=64,
+                                    out=(out[:1], lse[:1]))
+    assert first[0].data_ptr() == out.data_ptr()
+    assert torch.isnan(out[1:]).all() and torch.isnan(lse[1:]).all()  # the other rows untouched
+    ranged_decode_attention(q[1:], *args, rows[1:], clen[1:], sstart[1:], slen[1:], split=64, out=(out[1:], lse[1:]))
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out: expected a contiguous float32 lse"):
+        ranged_decode_attention(q, *args, rows, clen, sstart, slen, out=(out, lse.double()))

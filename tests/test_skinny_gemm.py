@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfi_kernels import silu_mul, silu_mul_ref, skinny_linear, skinny_linear_ref
+from sfi_kernels import (
+    SplitPartials,
+    add_rms_norm,
+    add_rms_norm_ref,
+    silu_mul,
+    silu_mul_ref,
+    skinny_linear,
+    skinny_linear_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,3 +57,35 @@ def test_falls_back_past_sixteen_rows_and_checks_shapes():
         skinny_linear(x[:, :-1], w)
     with pytest.raises(ValueError, match="bias"):
         skinny_linear(x[:2], w, torch.zeros(23, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,bias", [(3, True), (16, False)])
+def test_partials_added_by_add_rms_norm_equal_the_split_sum(m, bias, dtype):
+    """A split product handed to add_rms_norm unsummed gives bit for bit what its own split-sum launch and then
+    add_rms_norm give; the reference adds them the same way; an unsplit product comes back as a tensor."""
+    n, k = 96, 1024
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, 1, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    h = torch.randn(m, 1, n, generator=g).to(DEVICE, dtype)
+    weight = torch.rand(n, generator=g).to(DEVICE, dtype) + 0.5
+    config = (32, 128, 4, 4, 2)  # four slices of K
+    parts = skinny_linear(x, w, b, config=config, partial=True)
+    assert isinstance(parts, SplitPartials) and parts.part.shape[0] == 4 and parts.shape == (m, 1, n)
+    y = skinny_linear(x, w, b, config=config)
+    for got, want in zip(add_rms_norm(h, parts, weight, 1e-6), add_rms_norm(h, y, weight, 1e-6), strict=True):
+        assert torch.equal(got, want)
+    # The reference's sum rounds to nearest; Triton's interpreter rounds bf16 by truncation, a GPU as torch does.
+    if DEVICE == "cuda" or dtype == torch.float32:
+        assert torch.equal(parts.sum(), y)
+    else:
+        torch.testing.assert_close(parts.sum(), y, atol=2e-2, rtol=2e-2)
+    for got, want in zip(add_rms_norm_ref(h, parts, weight, 1e-6), add_rms_norm_ref(h, parts.sum(), weight, 1e-6),
+                         strict=True):
+        assert torch.equal(got, want)
+    whole = skinny_linear(x, w, b, config=(32, 128, 1, 4, 2), partial=True)
+    assert isinstance(whole, torch.Tensor) and torch.equal(whole, skinny_linear(x, w, b, config=(32, 128, 1, 4, 2)))
+    with pytest.raises(ValueError, match="x and r must match"):
+        add_rms_norm(h[:1], parts, weight, 1e-6)
