@@ -22,12 +22,10 @@ run_stage() {
     # The kernels that take programmatic dependent launch, on the GPU (PDL on, the default there).
     tests-pdl) python3 -m pytest -q -x -p no:cacheprovider tests/test_pdl.py tests/test_skinny_gemm.py \
                  tests/test_fused_kernels.py tests/test_ranged_kernel.py ;;
-    # The residual projections' split sums folded into add + RMSNorm (sfi.model.FOLD_SPLIT_SUMS) off, then on.
-    ab-fold) for fold in False True; do
-               python3 -c "import sys, sfi.model as m; m.FOLD_SPLIT_SUMS = $fold
-from sfi_cli.main import app; app(sys.argv[1:])" bench --ctx 8k,32k --batch 4 --new-tokens 256 --no-hf --no-torch \
-                 --json "$OUT/ab-fold-$fold.json"
-             done ;;
+    # `sfi bench` with module switches set ($AB_FLAGS, see bench/ab_flags.py) at $AB_CTX x $AB_BATCH, SFI and dense
+    # only, JSON to $OUT/ab-$AB_NAME.json; e.g. AB_FLAGS=sfi.model.FOLD_SPLIT_SUMS=false AB_NAME=nofold.
+    ab) python3 bench/ab_flags.py ${AB_FLAGS:-} -- bench --ctx "${AB_CTX:-8k,32k}" --batch "${AB_BATCH:-1,4}" \
+          --new-tokens 256 --no-hf --no-torch --json "$OUT/ab-${AB_NAME:-default}.json" ;;
     # A step holding a slow row against a fast-only step, part by part (8k x 16 and 32k x 4).
     slow-parts) python3 bench/slow_parts.py "$OUT/slow-parts.json" ;;
     sweep-long) python3 bench/gpu_kernel_sweep.py "$OUT/sweep-long.json" long ;;

@@ -30,6 +30,9 @@ except ImportError:  # CPU installs without triton use the reference
     triton = None
 
 MAX_ROWS = 16
+# Each program loads its first weight tile before waiting for the previous kernel (with PDL: while that kernel still
+# runs); False: after the wait, for an A/B.
+PREFETCH_FIRST_TILE = True
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -42,12 +45,30 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
 if triton is not None:
 
+    @triton.jit
+    def _tile_product(acc, w, x_ptr, k, kmask, m, mmask, stride_xm, K, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
+                      GATED: tl.constexpr):
+        """acc + the product of the rows' x at keys k with the weight tile w [BLOCK_N, BLOCK_K]."""
+        x_at = x_ptr + m[:, None] * stride_xm + k[None, :]
+        x = tl.load(x_at, mask=mmask[:, None] & kmask[None, :], other=0.0)  # [M_PAD, BLOCK_K]
+        if GATED:  # x holds gate | up: SiLU(gate) * up, rounded as fused.silu_mul rounds
+            up = tl.load(x_at + K, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            x = ((g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
+        if USE_DOT and UPCAST:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif USE_DOT:
+            acc += tl.dot(x, tl.trans(w))
+        else:  # M_PAD == 1
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        return acc
+
     @triton.jit(do_not_specialize=["M"])
     def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                             K_SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
                             M_PAD: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                            PDL: tl.constexpr, GATED: tl.constexpr):
+                            PDL: tl.constexpr, GATED: tl.constexpr, PREFETCH: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,25 +77,25 @@ if triton is not None:
         mmask = m < M
         k_lo = pid_k * K_SPLIT
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
-        pdl_wait(PDL)
+        w_at = w_ptr + n.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            # No kernel writes the weights: the first tile is loaded before the wait, while the previous kernel
+            # still runs (kernels/pdl.py), and multiplied once x may be read.
+            k = k_lo + tl.arange(0, BLOCK_K)
+            kmask = k < k_hi
+            w = tl.load(w_at + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            pdl_wait(PDL)
+            acc = _tile_product(acc, w, x_ptr, k, kmask, m, mmask, stride_xm, K, USE_DOT, UPCAST, GATED)
+            first = k_lo + BLOCK_K
+        else:
+            pdl_wait(PDL)
+            first = k_lo
+        for k0 in range(first, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < k_hi
-            w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + k[None, :],
-                        mask=nmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            x_at = x_ptr + m[:, None] * stride_xm + k[None, :]
-            x = tl.load(x_at, mask=mmask[:, None] & kmask[None, :], other=0.0)  # [M_PAD, BLOCK_K]
-            if GATED:  # x holds gate | up: SiLU(gate) * up, rounded as fused.silu_mul rounds
-                up = tl.load(x_at + K, mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                g = x.to(tl.float32)
-                x = ((g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
-            if USE_DOT and UPCAST:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            elif USE_DOT:
-                acc += tl.dot(x, tl.trans(w))
-            else:  # M_PAD == 1
-                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+            w = tl.load(w_at + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            acc = _tile_product(acc, w, x_ptr, k, kmask, m, mmask, stride_xm, K, USE_DOT, UPCAST, GATED)
         out_mask = mmask[:, None] & nmask[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
@@ -170,6 +191,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
         HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=interpreting() or x.dtype == torch.float32,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, GATED=gated,
+        PREFETCH=PREFETCH_FIRST_TILE,
         num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
     if split > 1 and partial:
         return SplitPartials(part, bias, m, (*x.shape[:-1], n), x.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sfi_kernels.skinny_gemm as skinny_gemm
 from sfi_kernels import (
     SplitPartials,
     add_rms_norm,
@@ -89,3 +90,16 @@ def test_partials_added_by_add_rms_norm_equal_the_split_sum(m, bias, dtype):
     assert isinstance(whole, torch.Tensor) and torch.equal(whole, skinny_linear(x, w, b, config=(32, 128, 1, 4, 2)))
     with pytest.raises(ValueError, match="x and r must match"):
         add_rms_norm(h[:1], parts, weight, 1e-6)
+
+
+@pytest.mark.parametrize("m,n,k,config", [(1, 27, 2100, None), (3, 100, 1110, (32, 128, 4, 4, 3)),
+                                          (2, 40, 100, (16, 128, 1, 4, 2))])
+def test_first_weight_tile_before_the_wait_gives_the_same_product(m, n, k, config, monkeypatch):
+    """Each program's first weight tile loaded before the PDL wait (the default) or in the loop: the same sums."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    assert skinny_gemm.PREFETCH_FIRST_TILE
+    first = skinny_linear(x, w, config=config)
+    monkeypatch.setattr(skinny_gemm, "PREFETCH_FIRST_TILE", False)
+    assert torch.equal(first, skinny_linear(x, w, config=config))
