@@ -26,6 +26,9 @@ run_stage() {
     # only, JSON to $OUT/ab-$AB_NAME.json; e.g. AB_FLAGS=sfi.model.FOLD_SPLIT_SUMS=false AB_NAME=nofold.
     ab) python3 bench/ab_flags.py ${AB_FLAGS:-} -- bench --ctx "${AB_CTX:-8k,32k}" --batch "${AB_BATCH:-1,4}" \
           --new-tokens 256 --no-hf --no-torch --json "$OUT/ab-${AB_NAME:-default}.json" ;;
+    # The same with the ranged attention kernel's defaults changed ($AB_KERNEL, see bench/ab_kernel.py).
+    ab-kernel) python3 bench/ab_kernel.py ${AB_KERNEL:-} -- bench --ctx "${AB_CTX:-8k,32k}" --batch "${AB_BATCH:-1,4}" \
+                 --new-tokens 256 --no-hf --no-torch --json "$OUT/ab-${AB_NAME:-kernel}.json" ;;
     # A step holding a slow row against a fast-only step, part by part (8k x 16 and 32k x 4).
     slow-parts) python3 bench/slow_parts.py "$OUT/slow-parts.json" ;;
     sweep-long) python3 bench/gpu_kernel_sweep.py "$OUT/sweep-long.json" long ;;
