@@ -66,6 +66,9 @@ class _Buffers:
         pinned = dev.type == "cuda"
         self.host_long = torch.zeros(self.long.shape, dtype=torch.long, pin_memory=pinned)
         self.host_int = torch.zeros(self.int.shape, dtype=torch.int32, pin_memory=pinned)
+        # Filled through numpy views: assigning Python lists there takes a fifth of building tensors from them
+        # (16 rows on the CI machine: 19 against 95 us per step), and on a GPU the host's time is the device's idle.
+        self.np_long, self.np_int = self.host_long.numpy(), self.host_int.numpy()
         self.refresh: dict[tuple[int, int], StepRefresh] = {}  # by key capacity and slow-row slots
         self.copied: torch.cuda.Event | None = None
 
@@ -82,9 +85,9 @@ class _Buffers:
                 slot[r][s] = v
         write_at = [a + p for a, p in zip(base, positions, strict=True)]
         starts = [a + s for a, s in zip(base, span_start, strict=True)]
-        self.host_long.copy_(torch.tensor([tokens, rows, positions, write_at]))
-        self.host_int.copy_(torch.tensor([rows, compact_len, starts, span, base, rows, [0] * b, base,
-                                          [p + 1 for p in positions], *capture, *slot], dtype=torch.int32))
+        self.np_long[:] = [tokens, rows, positions, write_at]
+        self.np_int[:] = [rows, compact_len, starts, span, base, rows, [0] * b, base, [p + 1 for p in positions],
+                          *capture, *slot]
         self.long.copy_(self.host_long, non_blocking=True)
         self.int.copy_(self.host_int, non_blocking=True)
         if self.long.is_cuda:
