@@ -116,7 +116,7 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if R_SPLIT == 0:
             r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        else:  # a product's split-K partials (skinny_gemm.SplitPartials), added as its split sum adds them
+        else:  # a product's split-K partials (partials.SplitPartials), added as its split sum adds them
             acc = tl.zeros([BLOCK], tl.float32)
             for s in tl.static_range(R_SPLIT):
                 acc += tl.load(r_ptr + s * stride_rs + row * stride_r + cols, mask=mask, other=0.0)
@@ -208,7 +208,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor | SplitPartials, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + r, RMSNorm(x + r) * weight) over the last dim (see the module docstring). `r` may be a product's
-    unsummed split-K partials (`skinny_gemm.SplitPartials`): added here, in the split-sum kernel's order."""
+    unsummed split-K partials (`partials.SplitPartials`): added here, in the split-sum kernel's order."""
     split = isinstance(r, SplitPartials)
     if tuple(x.shape) != tuple(r.shape) or x.dtype != r.dtype:
         raise ValueError(f"x and r must match: {tuple(x.shape)} {x.dtype} vs {tuple(r.shape)} {r.dtype}")

@@ -33,7 +33,7 @@ def test_a_chain_gives_the_same_bits_with_and_without_it(rows, monkeypatch):
     graph."""
     g = torch.Generator(device="cuda").manual_seed(rows)
     # [N, K] weights of a chain 256 -> 512 -> 256 -> 4096 -> 256: the last K of 4096 is split at 2-16 rows, its
-    # partials added by add_rms_norm (skinny_gemm.SplitPartials), as a decode step's residual projections are.
+    # partials added by add_rms_norm (partials.SplitPartials), as a decode step's residual projections are.
     dims = [(512, 256), (256, 512), (4096, 256), (256, 4096)]
     ws = [torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5 for n, k in dims * 3]
     norm = torch.ones(256, device="cuda", dtype=torch.bfloat16)
