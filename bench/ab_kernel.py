@@ -5,6 +5,8 @@ e.g. native_tiles=false (float32-upcast tiles) or num_stages=3; values are ints 
 import inspect
 import sys
 
+from ab_flags import parse  # bench/ is the script's folder
+
 import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import ranged_decode_attention
 
@@ -17,12 +19,7 @@ def override(assignments: list[str]) -> None:
         name, _, text = assignment.partition("=")
         if name not in names or not text:
             sys.exit(f"ab_kernel: {assignment!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
-        if text.lower() in ("true", "false"):
-            values[names.index(name)] = text.lower() == "true"
-        elif text.isdigit():
-            values[names.index(name)] = int(text)
-        else:
-            sys.exit(f"ab_kernel: {assignment!r}: the value must be an integer, true or false")
+        values[names.index(name)] = parse(text)
     ranged_decode_attention.__defaults__ = tuple(values)
 
 

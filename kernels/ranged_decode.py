@@ -75,14 +75,20 @@ def _gather_keys(cache: torch.Tensor, compact: torch.Tensor, rows: torch.Tensor,
 
 
 def ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len,
-                                scale: float | None = None, capture: LogitCapture | None = None
+                                scale: float | None = None, capture: LogitCapture | None = None,
+                                out: tuple[torch.Tensor, torch.Tensor] | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, compact_len, span_start, span_len = (t.long() for t in (rows, compact_len, span_start, span_len))
     if capture is not None:
         capture_ref(q, k_cache, rows, capture, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     keys, lengths = _gather_keys(k_cache, compact_k, rows, compact_len, span_start, span_len)
     values, _ = _gather_keys(v_cache, compact_v, rows, compact_len, span_start, span_len)
-    return decode_attention_ref(q, keys, values, lengths, scale)
+    result = decode_attention_ref(q, keys, values, lengths, scale)
+    if out is None:
+        return result
+    for dst, src in zip(out, result, strict=True):
+        dst.copy_(src)
+    return out
 
 
 # Triton compiles a kernel again for every new combination of its integer arguments' "is 1" and "multiple of 16"
@@ -279,13 +285,8 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     if capture is not None:
         _check_capture(q, k_cache, capture)
     if triton is None or not (q.is_cuda or interpreting()):
-        result = ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
-                                             span_start, span_len, scale, capture)
-        if out is None:
-            return result
-        out[0].copy_(result[0])
-        out[1].copy_(result[1])
-        return out
+        return ranged_decode_attention_ref(q, k_cache, v_cache, compact_k, compact_v, rows, compact_len,
+                                           span_start, span_len, scale, capture, out)
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv

@@ -45,8 +45,8 @@ def decode(layer: int, q: torch.Tensor, cache: KVCache, step, scale: float) -> t
     if f == 0:  # one launch for every row
         out, lse = _ranged(q, kc, vc, mem_k, mem_v, (rows, clen, start, span), scale, max_keys, split, capture)
     else:  # the slow rows (first) with a split for their whole caches, then the others with one for their short
-        # ranges: a slow row's split would give every fast row hundreds of empty blocks
-        # ranges, each writing its rows of one output (no concatenation: two launches fewer per layer)
+        # ranges (a slow row's split would give every fast row hundreds of empty blocks), each launch writing its
+        # rows of one output (no concatenation: two launches fewer per layer)
         meta = (rows, clen, start, span)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -76,12 +76,7 @@ def _ranged(q, kc, vc, mem_k, mem_v, meta, scale, max_keys, split, capture, out=
         return ranged_decode_attention(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, max_keys=max_keys,
                                        split=split, capture=capture, block_n=64 if capture is not None else 32,
                                        out=out)
-    result = ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture)
-    if out is None:
-        return result
-    for dst, src in zip(out, result, strict=True):
-        dst.copy_(src)
-    return out
+    return ranged_decode_attention_ref(q, kc, vc, mem_k, mem_v, rows, clen, start, span, scale, capture, out)
 
 
 BOOTSTRAP_BYTES = 1 << 30  # float32 logits and keys of the layers one bootstrap pass selects for

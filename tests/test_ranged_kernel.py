@@ -195,5 +195,11 @@ def test_out_writes_rows_of_a_larger_batch_and_nothing_else():
     ranged_decode_attention(q[1:], *args, rows[1:], clen[1:], sstart[1:], slen[1:], split=64, out=(out[1:], lse[1:]))
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    ref = (torch.full_like(q, float("nan")), torch.full((b, hq), float("nan"), device=DEVICE))
+    for part in (slice(0, 1), slice(1, b)):  # the reference (the CPU's step) writes the same rows
+        ranged_decode_attention_ref(q[part], *args, rows[part], clen[part], sstart[part], slen[part],
+                                    out=(ref[0][part], ref[1][part]))
+    torch.testing.assert_close(ref[0], want_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ref[1], want_lse, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="out: expected a contiguous float32 lse"):
         ranged_decode_attention(q, *args, rows, clen, sstart, slen, out=(out, lse.double()))
