@@ -1,6 +1,7 @@
 """GPU checks for the static/CUDA-graph decode path, run on the device machine: graph vs the same static steps
-launched op by op, graph determinism, the overlapped refresh against the same refresh inline on the main stream
-(ordering, not timing: identical tokens), graphs on/off step time, refresh cost (timed alone). JSON to argv[1]."""
+launched op by op, graph determinism, pipelined graph steps against the same steps one at a time (tokens and
+kinds), the overlapped refresh against the same refresh inline on the main stream (ordering, not timing: identical
+tokens), graphs on/off step time, refresh cost (timed alone). JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -21,11 +22,23 @@ from sfi.stopping import StopChecker
 from sfi.tools.bench import bench_ours, random_model
 
 
-def decode(model, prompts, new, cfg, **kw):
+class ThirdIds:
+    """Slow steps that follow the tokens (ids divisible by 3, at least every 9th step): the pipeline's guess of
+    them misses a third of the time."""
+
+    def observe(self, state, token: int) -> bool:
+        state.step += 1
+        slow = token % 3 == 0 or state.step - state.last_slow >= 9
+        if slow:
+            state.last_slow = state.step
+        return slow
+
+
+def decode(model, prompts, new, cfg, boundary=None, **kw):
     reqs = [Request(p, RowSampler(SamplingParams(), 0), StopChecker(None, (), (), new)) for p in prompts]
     runtime = None
     if cfg is not None:
-        runtime = SfiRuntime(cfg, FixedPeriod(9), len(reqs), model.args.kv_bytes_per_token(model.dtype))
+        runtime = SfiRuntime(cfg, boundary or FixedPeriod(9), len(reqs), model.args.kv_bytes_per_token(model.dtype))
         for row, state in enumerate(runtime.state):
             state.last_slow = -3 * row
     kinds = []
@@ -71,7 +84,11 @@ def main() -> None:
         nograph, k1 = decode(model, prompts, 40, c, cuda_graphs=False)
         with inline_refresh():
             inline, _ = decode(model, prompts, 40, c, cuda_graphs=True)
+        # Graph steps pipelined (the default) against one at a time, with slow steps that follow the tokens.
+        piped = decode(model, prompts, 40, c, ThirdIds(), cuda_graphs=True)
+        one = decode(model, prompts, 40, c, ThirdIds(), cuda_graphs=True, pipeline=False)
         out[name] = {"graph_repeat_identical": graph == again,
+                     "pipelined_vs_one_at_a_time_identical": piped == one,
                      "overlapped_vs_inline_refresh_identical": graph == inline,
                      "graph_vs_static_no_graph": agreement(graph, nograph), "kinds_equal": k1 == k2,
                      "slow": k2.count("slow"), "fast": k2.count("fast")}

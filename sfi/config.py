@@ -126,6 +126,9 @@ class DecodeConfig:
     max_batch_size: int = 32
     kv_memory_fraction: float = 0.85  # of the memory free after loading, for KV caches and activations
     cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs (false: launch op by op)
+    # With CUDA graphs, plan and stage each decode step while the last one runs and launch it before the last one's
+    # bookkeeping (sfi.engine.decoder: the same steps and tokens); false: one step at a time.
+    pipeline: bool = True
     # A finished row's slot takes the next job at once, its prompt prefilled prefill_chunk tokens per decode
     # step; false: static batches, each decoded to its last row before the next starts.
     continuous: bool = True

@@ -57,6 +57,11 @@ class StopChecker:
         """Completion ids fed so far, eos included if the row ended on it."""
         return list(self._ids)
 
+    @property
+    def last_token_next(self) -> bool:
+        """Whether the next token fed is the last whatever it is (the token budget's)."""
+        return len(self._ids) + 1 >= self.max_new_tokens
+
     def feed(self, token_id: int) -> bool:
         """Take the row's next sampled id; return True once the row is finished."""
         if self.finished:

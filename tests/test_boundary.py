@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from transformers import AutoTokenizer
 
+from sfi.config import SfiConfig
 from sfi.method.boundary import BoundaryState, FixedPeriod, NoBoundary, SentenceBoundary, is_ender_text, vocabulary
+from sfi.method.runtime import SfiRuntime
 
 
 class QwenStyleVocab:
@@ -113,3 +117,23 @@ def test_llama_tokenizer_streams(smol_dir):
     assert starts('He said "Stop." She did') == [" She did"]
     assert starts("Really?! Yes") == [" Yes"]
     assert starts("Wait... and then") == [" and then"]  # an ellipsis is an ender: a known false start
+
+
+def test_guess_is_the_likeliest_answer_and_changes_nothing(qwen):
+    """`guess` (the pipelined decoder plans a step before its token is known): after an ender, the next token is
+    taken to start a sentence; otherwise to neither end nor start one. The runtime guesses on a copy."""
+    v, det = qwen
+    rt = SfiRuntime(SfiConfig(sink=4, k_head=16, recent=8).for_context(512),
+                    SentenceBoundary(det.vocab, cooldown=2, min_gap=2, max_interval=8), 1, 64)
+    assert v.pieces[det.vocab.word][0].isspace() and det.vocab.word not in det.vocab.enders
+    tokens = [" world", ".", " Next", " and", ".", "5", " dollars", " did", " She", " Smith", " world"]
+    guesses, answers = [], []
+    for token in tokens:
+        before = dataclasses.replace(rt.state[0])
+        guesses.append(rt.guess_pending(0))
+        assert rt.state[0] == before
+        rt.observe(0, v.ids(token)[0])
+        answers.append(rt.pending[0])
+    # " Next" starts a sentence as guessed; "5" after "." does not ("3.5"); the last one is forced (max_interval).
+    assert guesses == [False, False, True, False, False, True, False, False, False, False, True]
+    assert answers == [False, False, True, False, False, False, False, False, False, False, True]

@@ -221,10 +221,10 @@ def test_padding_idle_slots_leaves_every_rows_tokens_unchanged(ckpt, monkeypatch
 
     outs: list[torch.Tensor] = []  # every model step's logits, padding rows included: the step's width
     returned: list[torch.Tensor] = []  # the decoding rows' logits, in their order
-    decode, static_decode = lm.model.decode, StaticDecoder.decode
+    decode, static_launch = lm.model.decode, StaticDecoder.launch
     monkeypatch.setattr(lm.model, "decode", lambda *a: outs.append(decode(*a).clone()) or outs[-1])
-    monkeypatch.setattr(StaticDecoder, "decode",
-                        lambda *a, **k: returned.append(static_decode(*a, **k).clone()) or returned[-1])
+    monkeypatch.setattr(StaticDecoder, "launch",
+                        lambda *a, **k: returned.append(static_launch(*a, **k).clone()) or returned[-1])
 
     def run(pad: bool) -> tuple[list[list[int]], list[int]]:
         rt = SfiRuntime(cfg, FixedPeriod(4), 4, lm.args.kv_bytes_per_token(lm.model.dtype))
@@ -384,3 +384,64 @@ def test_kv_budget_leaves_room_for_the_bootstrap_pass(ckpt):
         one_layer = 4 * tokens * (a.n_heads * 16 + a.n_kv_heads * a.head_dim)
         assert 2 * one_layer <= extra <= 2 * max(one_layer, BOOTSTRAP_BYTES)
         assert extra == 2 * min(a.n_layers * one_layer, max(one_layer, BOOTSTRAP_BYTES))
+
+
+@pytest.mark.parametrize("sfi", [True, False])
+def test_pipelined_steps_decode_what_steps_one_at_a_time_decode(ckpt, sfi):
+    """Each step planned and staged while the last one runs, from a guess of what its tokens decide, and launched
+    before the last one's bookkeeping: every job's tokens, its rows' kinds and its SFI report are those of steps
+    taken one at a time, through sentence boundaries the guess misses, rows that stop on an eos id or their token
+    budget, sampled rows and admissions between steps; and the guess is both taken and refused."""
+    lm = load_model(ckpt, device="cpu")
+    cfg = SfiConfig(sink=4, k_head=16, recent=8)
+    ids = tiny.tokenizer()(TEXT)["input_ids"]
+    boundary = _ThirdIds()
+    specs = [(0, 200, 16, 0.0), (5, 120, 30, 0.8), (9, 260, 12, 0.0), (3, 90, 24, 0.7), (7, 150, 20, 0.0),
+             (11, 70, 18, 0.0)]
+
+    def run(pipeline: bool, eos: frozenset[int]):
+        rt = SfiRuntime(cfg, boundary, 4, lm.args.kv_bytes_per_token(lm.model.dtype)) if sfi else None
+        decoder = Decoder(lm.model, 4, 400, rt, prefill_chunk=32, pipeline=pipeline)
+        reqs = [Request(ids[o:o + n], RowSampler(SamplingParams(temperature=t, seed=o), 0),
+                        StopChecker(lm.tokenizer, eos, (), m)) for o, n, m, t in specs]
+        queue, holder = list(enumerate(reqs)), {}
+        kinds: dict[int, list[str]] = {i: [] for i in range(len(reqs))}
+        reports: dict[int, dict] = {}
+        while queue or decoder.busy:
+            for slot in decoder.free[:1]:  # one admission per step: the decoding count keeps changing
+                if queue:
+                    holder[slot], request = queue.pop(0)
+                    decoder.admit(slot, request)
+            decoder.prefill(32)
+            event = decoder.step()
+            if event is not None:
+                for slot, kind in zip(event.rows, event.kinds or ["dense"] * len(event.rows), strict=True):
+                    kinds[holder[slot]].append(kind)
+                for slot in event.finished:
+                    if rt is not None:  # all but the estimate, which prices steps by their measured times
+                        reports[holder[slot]] = rt.report(slot) | {"estimated_speedup": None}
+        return [r.stopper.token_ids for r in reqs], kinds, reports, decoder
+
+    free_tokens, _, _, _ = run(False, frozenset())
+    # An eos id the first job samples mid-way, so that rows also stop on a token no guess foresees.
+    eos = frozenset({free_tokens[0][5]})
+    plain = run(False, eos)
+    piped = run(True, eos)
+    assert piped[:3] == plain[:3]
+    assert any(len(t) < m for t, (_, _, m, _) in zip(plain[0], specs, strict=True))  # some row stopped on eos
+    if sfi:
+        assert sum(k.count("slow") for k in plain[1].values()) > 10
+    assert piped[3].planned_ahead > 0 and piped[3].replanned > 0
+    assert plain[3].planned_ahead == plain[3].replanned == 0
+
+
+class _ThirdIds:
+    """A boundary whose slow steps follow the tokens (any id divisible by 3; at least every 9th step), with no
+    `guess`: the runtime's guess (a token that is none) misses a third of them."""
+
+    def observe(self, state, token: int) -> bool:
+        state.step += 1
+        slow = token % 3 == 0 or state.step - state.last_slow >= 9
+        if slow:
+            state.last_slow = state.step
+        return slow

@@ -25,6 +25,9 @@ from ..sampling import RowSampler, sample
 from ..stopping import StopChecker
 from .step import StaticDecoder
 
+# Whether decoders pipeline their steps by default (with CUDA graphs); False: one step at a time, for an A/B.
+PIPELINE = True
+
 
 @dataclass
 class Request:
@@ -69,6 +72,7 @@ class StepDone:
     logprobs: list[float] | None = None  # with forced tokens: log p of each row's token
     captured_graph: bool = False  # this step included capturing a CUDA graph (one-time cost)
     sampled: list[int] | None = None  # with forced tokens: what the sampler picked (greedy: the argmax)
+    gpu_seconds: float | None = None  # with `time_gpu`: the device's time for the step's forward
 
 
 def chunk_starts(length: int, chunk: int, last_at_least: int = 1, first: int = 0) -> list[int]:
@@ -173,7 +177,8 @@ class Decoder:
     `cache` given (a pool whose segments the admitted rows take and give back, sfi.cache)."""
 
     def __init__(self, model: Transformer, slots: int, max_len: int, runtime: SfiRuntime | None = None,
-                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None) -> None:
+                 prefill_chunk: int = 2048, cuda_graphs: bool = True, probe=None, cache: KVCache | None = None,
+                 pipeline: bool | None = None) -> None:
         self.model, self.runtime, self.chunk, self.probe = model, runtime, prefill_chunk, probe
         self.cache = cache or model.new_cache(slots, max_len)
         if not self.cache.is_pool:
@@ -191,6 +196,11 @@ class Decoder:
         self.rows: dict[int, _Row] = {}
         self.prefills: deque[_Prefill] = deque()
         self.steps = 0
+        # Launch each step before the last one's bookkeeping (see `step`); by default where steps are graphs.
+        self.pipeline = self.static.graphs and PIPELINE if pipeline is None else pipeline
+        self._flight: _Flight | None = None  # the step launched and not yet read
+        self._error: Exception | None = None  # a launch's failure, raised by the next step()
+        self.planned_ahead = self.replanned = 0  # pipelined launches from their guess, and planned again
 
     # -- admission ------------------------------------------------------------------------------------
     @property
@@ -351,26 +361,34 @@ class Decoder:
 
     # -- decode ---------------------------------------------------------------------------------------
     def step(self) -> StepDone | None:
-        """One decode step for every row that is decoding (None when none is)."""
-        active = [s for s, r in self.rows.items() if r.decoding]
-        if not active:
-            return None
-        started = time.perf_counter()
+        """One decode step for every row that is decoding (None when none is).
+
+        Pipelined (`pipeline`), the next step is launched before this one's bookkeeping and before this returns,
+        and its inputs are planned and staged while this one runs on the device, from a guess of what this step's
+        tokens will decide (which rows turn slow or stop); once the tokens are read, the plan is made again from
+        what they did decide and the staged one is used only if it is the same. So the device is not left waiting
+        on the host, and every row's steps, kinds and tokens are what they are without it. Rows admitted meanwhile
+        join at the step after the one in flight."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        flight = self._flight
+        self._flight = None
+        if flight is None:
+            started = time.perf_counter()
+            plan = self._plan()
+            if plan is None:
+                return None
+            flight = self._launch(plan, started)
         rt = self.runtime
-        lengths = {s: self.rows[s].length for s in active}
-        kinds, captures = rt.kinds(active, lengths) if rt is not None else (None, [])
-        if captures:  # slow rows first: the step attends to them in a launch of their own (sfi.engine.step)
-            order = sorted(range(len(active)), key=lambda i: kinds[i] != "slow")
-            active, kinds = [active[i] for i in order], [kinds[i] for i in order]
-            for c in captures:
-                c.batch_index = order.index(c.batch_index)
-        clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
-        slow = [(c.batch_index, c.lo, c.hi) for c in captures]
-        logits = self.static.decode([self.rows[s].last for s in active], active, [lengths[s] for s in active],
-                                    clen, start, slow, probe=self.probe)
-        requests = [self.rows[s].request for s in active]
-        tokens, sampled, logprobs = _choose(logits, requests)
-        seconds = time.perf_counter() - started
+        requests = [self.rows[s].request for s in flight.plan.active]
+        chosen = _sample(flight.logits, requests)
+        guess = self._guess(flight) if self.pipeline else None  # while the device runs the step
+        tokens, sampled, logprobs = _choose(flight.logits, requests, chosen)
+        synced = time.perf_counter()
+        seconds = synced - flight.started
+        gpu_seconds = self.static.gpu_seconds()
+        active, kinds, lengths = flight.plan.active, flight.plan.kinds, flight.plan.lengths
         if rt is not None:
             rt.record(active, kinds, lengths, seconds)
         finished = []
@@ -383,10 +401,96 @@ class Decoder:
                 self._leave(slot)
             elif rt is not None:
                 rt.observe(slot, token)
-        event = StepDone(self.steps, active, tokens, finished, seconds, kinds, logprobs, self.static.captured,
-                         sampled if any(r.forced for r in requests) else None)
+        if self.pipeline:
+            try:
+                plan = self._plan()
+                if plan is not None and guess is not None and guess.same_as(plan):
+                    plan = guess
+                    self.planned_ahead += 1
+                elif plan is not None:
+                    plan.prepared = self._prepare(plan)
+                    self.replanned += 1
+                # A step that captures a graph waits for the next call: its time is then its own, not this one's.
+                if plan is not None and not self.static.needs_capture(plan.prepared):
+                    self._flight = self._launch(plan, synced)
+            except Exception as exc:  # reported by the next call, after this step's tokens are out
+                self._error = exc
+        event = StepDone(self.steps, active, tokens, finished, seconds, kinds, logprobs, flight.captured,
+                         sampled if any(r.forced for r in requests) else None, gpu_seconds)
         self.steps += 1
         return event
+
+    def _plan(self, after: _Flight | None = None) -> _Plan | None:
+        """The next step's rows (slow ones first), kinds and ranges, from the rows as they are; with `after`, the
+        step after that flight, planned from what its tokens will most likely decide."""
+        rt = self.runtime
+        if after is None:
+            lengths = {s: r.length for s, r in self.rows.items() if r.decoding}
+            pending = None
+        else:  # the flight's rows one token on, less those its tokens finish for sure (their token budget)
+            ahead = set(after.plan.active)
+            lengths = {s: r.length + (s in ahead) for s, r in self.rows.items()
+                       if r.decoding and not (s in ahead and r.request.stopper.last_token_next)}
+            pending = [rt.guess_pending(s) if s in ahead else rt.pending[s] for s in lengths] if rt else None
+        active = list(lengths)
+        if not active:
+            return None
+        kinds, captures = rt.plan(active, lengths, pending) if rt is not None else (None, [])
+        if captures:  # slow rows first: the step attends to them in a launch of their own (sfi.engine.step)
+            order = sorted(range(len(active)), key=lambda i: kinds[i] != "slow")
+            active, kinds = [active[i] for i in order], [kinds[i] for i in order]
+            for c in captures:
+                c.batch_index = order.index(c.batch_index)
+        clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
+        slow = [(c.batch_index, c.lo, c.hi) for c in captures]
+        return _Plan(active, kinds, captures, lengths, clen, start, slow)
+
+    def _guess(self, flight: _Flight) -> _Plan | None:
+        plan = self._plan(flight)
+        if plan is not None:
+            plan.prepared = self._prepare(plan)
+        return plan
+
+    def _prepare(self, plan: _Plan):
+        return self.static.prepare(plan.active, [plan.lengths[s] for s in plan.active], plan.clen, plan.start,
+                                   plan.slow, probe=self.probe)
+
+    def _launch(self, plan: _Plan, started: float) -> _Flight:
+        prepared = plan.prepared if plan.prepared is not None else self._prepare(plan)
+        if self.runtime is not None:
+            self.runtime.commit(plan.captures)
+        logits = self.static.launch(prepared, [self.rows[s].last for s in plan.active])
+        return _Flight(plan, logits, started, self.static.captured)
+
+
+@dataclass
+class _Plan:
+    """A decode step's rows (slow first), their kinds and the ranges they read; `prepared` once staged."""
+
+    active: list[int]
+    kinds: list[str] | None
+    captures: list[Capture]
+    lengths: dict[int, int]  # per slot: tokens in its cache before the step
+    clen: list[int]
+    start: list[int]
+    slow: list[tuple[int, int, int]]
+    prepared: object = None
+
+    def same_as(self, other: _Plan) -> bool:
+        """Whether two plans launch the same step (rows, order, kinds, ranges, positions and refresh domains)."""
+        return (self.active == other.active and self.kinds == other.kinds and self.clen == other.clen
+                and self.start == other.start and self.slow == other.slow
+                and [self.lengths[s] for s in self.active] == [other.lengths[s] for s in other.active])
+
+
+@dataclass
+class _Flight:
+    """A launched step: its plan, its logits (valid until the next launch), when its time started."""
+
+    plan: _Plan
+    logits: torch.Tensor
+    started: float
+    captured: bool
 
 
 def _settle(t: torch.Tensor) -> None:
@@ -396,10 +500,16 @@ def _settle(t: torch.Tensor) -> None:
         torch.cuda.current_stream(t.device).synchronize()
 
 
-def _choose(logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int], list[int], list[float] | None]:
+def _sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """The sampled token per row, on the logits' device (greedy rows: no wait for the device)."""
+    return sample(logits, [r.sampler for r in requests])
+
+
+def _choose(logits: torch.Tensor, requests: Sequence[Request],
+            chosen: torch.Tensor | None = None) -> tuple[list[int], list[int], list[float] | None]:
     """(tokens fed next, tokens sampled, log p of the fed tokens or None): a row's forced tokens are fed while
-    it has any left, then its own samples."""
-    sampled = sample(logits, [r.sampler for r in requests]).tolist()
+    it has any left, then its own samples. `chosen`: `_sample`'s result, if already launched."""
+    sampled = (chosen if chosen is not None else _sample(logits, requests)).tolist()
     if not any(r.forced for r in requests):
         return sampled, sampled, None
     done = [len(r.stopper.token_ids) for r in requests]
@@ -412,16 +522,18 @@ def _choose(logits: torch.Tensor, requests: Sequence[Request]) -> tuple[list[int
 def generate(model: Transformer, requests: Sequence[Request], prefill_chunk: int = 2048,
              cache: KVCache | None = None, runtime: SfiRuntime | None = None,
              prefilled: Sequence[Prefilled] | None = None, cuda_graphs: bool = True,
-             probe=None) -> Iterator[PrefillDone | StepDone]:
+             probe=None, time_gpu: bool = False, pipeline: bool | None = None) -> Iterator[PrefillDone | StepDone]:
     """Decode `requests` as one batch, row i in slot i: every prompt prefilled, then one step at a time until
     every row has stopped; each row's tokens accumulate in its StopChecker.
 
     `prefilled` (with `cache`) skips the prompt forward passes; a request's `forced` tokens are fed before its
     own samples (teacher forcing) with their log-probabilities reported. Every decode step is a static step
     (sfi.engine.step), replayed from a CUDA graph on a GPU when `cuda_graphs`; `probe` (eval's recall diagnostic)
-    sees every layer's attention, which needs the steps launched op by op."""
+    sees every layer's attention, which needs the steps launched op by op. `time_gpu`: each StepDone carries the
+    device's time for its forward (CUDA events; the bench). `pipeline`: see `Decoder.step` (default: with graphs)."""
     decoder = Decoder(model, len(requests), cache_length(requests), runtime, prefill_chunk, cuda_graphs, probe,
-                      cache)
+                      cache, pipeline)
+    decoder.static.time_gpu = time_gpu
     for slot, req in enumerate(requests):
         decoder.admit(slot, req, prefilled[slot] if prefilled is not None else None)
         yield from decoder.prefill()

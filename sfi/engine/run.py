@@ -303,7 +303,7 @@ class Runner:
                 runtime = self._runtime(lm, slots, sfi)
                 cache = lm.model.new_pool(slots, pool, bucket.max_tokens) if pool else None
                 decoder = Decoder(lm.model, slots, bucket.max_tokens, runtime, d.prefill_chunk, d.cuda_graphs,
-                                  cache=cache)
+                                  cache=cache, pipeline=None if d.pipeline else False)
                 while queue or decoder.busy:
                     if d.continuous or not decoder.busy:
                         for slot in decoder.free:

@@ -72,10 +72,12 @@ class _Buffers:
         self.refresh: dict[tuple[int, int], StepRefresh] = {}  # by key capacity and slow-row slots
         self.copied: torch.cuda.Event | None = None
 
-    def stage(self, tokens, rows, positions, compact_len, span_start, span, base, slow, k_head: int) -> None:
-        """Fill the host twins and start their transfers (after the last step's have read them)."""
+    def fill(self, rows, positions, compact_len, span_start, span, base, slow, k_head: int) -> None:
+        """Fill the host twins with a step's inputs but its tokens (once the last step's transfers have read
+        them): a step may be staged before its tokens are known, while the previous step runs."""
         if self.copied is not None:
             self.copied.synchronize()
+            self.copied = None
         b = len(rows)
         capture = [[-1] * b, [0] * b, [0] * b]
         slot = [[0] * b for _ in range(5)]
@@ -85,9 +87,14 @@ class _Buffers:
                 slot[r][s] = v
         write_at = [a + p for a, p in zip(base, positions, strict=True)]
         starts = [a + s for a, s in zip(base, span_start, strict=True)]
-        self.np_long[:] = [tokens, rows, positions, write_at]
+        self.np_long[1:] = [rows, positions, write_at]
         self.np_int[:] = [rows, compact_len, starts, span, base, rows, [0] * b, base, [p + 1 for p in positions],
                           *capture, *slot]
+
+    def send(self, tokens: Sequence[int]) -> None:
+        """Write the tokens (padding rows feed 0) and start the transfers."""
+        self.np_long[0, :len(tokens)] = tokens
+        self.np_long[0, len(tokens):] = 0
         self.long.copy_(self.host_long, non_blocking=True)
         self.int.copy_(self.host_int, non_blocking=True)
         if self.long.is_cuda:
@@ -127,6 +134,17 @@ def _capacity(longest: int, batch_heads: int) -> tuple[int, int]:
     return _bucket(-(-longest // split)) * split, split
 
 
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A step staged by `StaticDecoder.prepare`: its rows (padding left out), buffers and graph shape."""
+
+    rows: int
+    buffers: _Buffers
+    shape: _Shape
+    n_slow: int
+    probe: object = None
+
+
 class StaticDecoder:
     """`model.decode` through static buffers; with `graphs` (CUDA only) each step shape is captured once
     and replayed."""
@@ -149,6 +167,10 @@ class StaticDecoder:
         self.captured = False  # the last step captured a new graph (a one-time cost)
         self.capture_warmup_s = 0.0  # captures' warm-up steps (compilation included)
         self.capture_record_s = 0.0  # recording and instantiating the graphs
+        # With `time_gpu` (CUDA; the bench): events around each step's forward, for `gpu_seconds`.
+        self.time_gpu = False
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._staged: Prepared | None = None  # the step whose inputs the host buffers hold
 
     def decode(self, tokens: Sequence[int], rows: Sequence[int], positions: Sequence[int],
                compact_len: Sequence[int], span_start: Sequence[int],
@@ -158,7 +180,13 @@ class StaticDecoder:
         (the cache adds the row's base). Each (batch
         index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
         refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
-        layer's attention; such steps are launched op by op."""
+        layer's attention; such steps are launched op by op. The same as `launch(prepare(...), tokens)`."""
+        return self.launch(self.prepare(rows, positions, compact_len, span_start, slow, probe), tokens)
+
+    def prepare(self, rows: Sequence[int], positions: Sequence[int], compact_len: Sequence[int],
+                span_start: Sequence[int], slow: Sequence[tuple[int, int, int]] = (), probe=None) -> Prepared:
+        """A step's shape and staged inputs, all but its tokens (see `decode`); launched by `launch`. Preparing
+        another step before launching this one discards it (both stage into the same host buffers)."""
         n, n_slow = len(rows), len(slow)
         if any(i >= n_slow for i, _, _ in slow):
             raise ValueError("slow rows must come first in a step's batch")
@@ -170,7 +198,7 @@ class StaticDecoder:
             busy = set(rows)
             idle = [r for r in range(self.cache.batch) if r not in busy][:width - n]
             zeros = [0] * len(idle)
-            tokens, rows, positions = [*tokens, *zeros], [*rows, *idle], [*positions, *zeros]
+            rows, positions = [*rows, *idle], [*positions, *zeros]
             span_start, compact_len = [*span_start, *zeros], [*compact_len, *zeros]
             base = [*base, *[self.cache.max_len - 1] * len(idle)]
         b = len(rows)
@@ -195,24 +223,55 @@ class StaticDecoder:
         else:
             max_keys, split = _capacity(self.longest if n_slow else max(keys), heads)
             shape = _Shape(b, max_keys, split, n_slow, self.dense_layers, dense_keys, dense_split)
-        buf.stage(tokens, rows, positions, compact_len, span_start, span, base, slow,
-                  self.memory.k_head if self.memory is not None else 0)
+        buf.fill(rows, positions, compact_len, span_start, span, base, slow,
+                 self.memory.k_head if self.memory is not None else 0)
+        self._staged = Prepared(n, buf, shape, n_slow, probe)
+        return self._staged
+
+    def launch(self, prepared: Prepared, tokens: Sequence[int]) -> torch.Tensor:
+        """Run a prepared step on `tokens` (one per row of `prepare`'s rows); its logits as `decode`'s."""
+        if prepared is not self._staged:
+            raise ValueError("that step's staged inputs were replaced by another prepare()")
+        self._staged = None
+        n, buf, shape, probe = prepared.rows, prepared.buffers, prepared.shape, prepared.probe
+        if len(tokens) != n:
+            raise ValueError(f"expected {n} tokens, got {len(tokens)}")
+        buf.send(tokens)
         refresh = None
-        if slow:
-            refresh = self._refresh(buf, b, shape.slow_keys or max_keys, n_slow)
+        if prepared.n_slow:
+            refresh = self._refresh(buf, shape.batch, shape.slow_keys or shape.max_keys, prepared.n_slow)
             refresh.row_meta.copy_(buf.capture_meta)
             refresh.meta.copy_(buf.slot_meta[:, :refresh.meta.shape[1]])
-            refresh = refresh.for_step(len(slow))
+            refresh = refresh.for_step(prepared.n_slow)
+        self.captured = self.graphs and probe is None and shape not in self._graphs
+        if self.captured:
+            self._graphs[shape] = self._capture(buf, shape, refresh)
+        timed = self.time_gpu and self.model.device.type == "cuda"
+        if timed:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
         if not self.graphs or probe is not None:
-            self.captured = False
             logits = self.model.decode(buf.tokens, self.cache, buf.step(self.memory, shape, refresh, probe))
         else:
-            self.captured = shape not in self._graphs
-            if self.captured:
-                self._graphs[shape] = self._capture(buf, shape, refresh)
             graph, logits = self._graphs[shape]
             graph.replay()
+        if timed:
+            self._events[1].record()
         return logits[:n]
+
+    def needs_capture(self, prepared: Prepared) -> bool:
+        """Whether launching `prepared` captures a new graph (a warm-up step, compilation, recording)."""
+        return self.graphs and prepared.probe is None and prepared.shape not in self._graphs
+
+    def gpu_seconds(self) -> float | None:
+        """The device's time for the last step's forward (with `time_gpu`, once the step is done): against the
+        step's wall time, what the host adds to it."""
+        if self._events is None:
+            return None
+        start, end = self._events
+        self._events = None
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
     def _refresh(self, buf: _Buffers, batch: int, max_keys: int, n_slow: int) -> StepRefresh:
         """The refresh buffers for `n_slow` slow rows (sized for the next power of two: a step rarely has more

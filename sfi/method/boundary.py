@@ -47,6 +47,7 @@ class Vocabulary:
     blanks: frozenset[int]  # whitespace-only tokens (newlines included): never a sentence start
     spaced: frozenset[int]  # tokens whose text begins with whitespace
     open_enders: frozenset[int]  # enders after which the next sentence needs no leading space
+    word: int = -1  # a token that starts a sentence after an ender (the lowest spaced id that is no mark or blank)
 
 
 def _decoded_vocab(tokenizer: Any) -> list[tuple[int, str]]:
@@ -67,7 +68,9 @@ def _vocabulary_for(tokenizer: Any) -> Vocabulary:
             blanks.add(token_id)
         if text[:1].isspace():
             spaced.add(token_id)
-    return Vocabulary(frozenset(enders), frozenset(blanks), frozenset(spaced), frozenset(open_enders))
+    words = spaced - enders - blanks
+    return Vocabulary(frozenset(enders), frozenset(blanks), frozenset(spaced), frozenset(open_enders),
+                      min(words) if words else -1)
 
 
 def vocabulary(tokenizer: Any) -> Vocabulary:
@@ -120,6 +123,11 @@ class SentenceBoundary:
         elif state.cooldown > 0:
             state.cooldown -= 1
         return _advance(state, fire or step == self.early_step or step - state.last_slow >= self.max_interval)
+
+    def guess(self, state: BoundaryState) -> bool:
+        """`observe`'s likeliest answer for a token not yet known (it changes `state`: pass a copy): after an
+        ender, a word that starts a sentence; otherwise a token that neither ends nor starts one."""
+        return self.observe(state, self.vocab.word if state.armed else -1)
 
 
 @dataclass(frozen=True)

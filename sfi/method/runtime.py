@@ -90,14 +90,16 @@ class SfiRuntime:
 
     # -- refresh --------------------------------------------------------------------------------------
     def _domain(self, row: int, length: int) -> Capture:
-        """Start a refresh of `row` whose cache holds `length` tokens: fix its recent span and compact length."""
-        cfg = self.cfg
-        lo = min(cfg.sink, length)
-        hi = max(lo, length - cfg.recent)
+        """The refresh domain of `row` whose cache holds `length` tokens (its recent span starts at hi)."""
+        lo = min(self.cfg.sink, length)
+        return Capture(0, row, lo, max(lo, length - self.cfg.recent))
+
+    def _commit(self, capture: Capture) -> None:
+        """Start the refresh `capture` names: fix the row's recent span and compact length."""
+        row, lo, hi = capture.row, capture.lo, capture.hi
         self.recent_start[row] = hi
-        self.compact_len[row] = lo + min(cfg.k_head, hi - lo)
+        self.compact_len[row] = lo + min(self.cfg.k_head, hi - lo)
         self.has_memory[row] = True
-        return Capture(0, row, lo, hi)
 
     def refresh(self, layer: int | slice, row: int, z: torch.Tensor) -> None:
         """Select from captured logits z [Hq, R, N] over the row's domain (or [L', Hq, R, N] for a slice of
@@ -129,18 +131,28 @@ class SfiRuntime:
         if self.memory is None or prompt_len <= self.budget:
             return None
         capture = self._domain(row, prompt_len)
+        self._commit(capture)
         capture.batch_index = min(self.cfg.bootstrap_window, prompt_len)
         return capture
 
     # -- per step -------------------------------------------------------------------------------------
     def kinds(self, active: Sequence[int], lengths: Sequence[int]) -> tuple[list[str], list[Capture]]:
-        """Each active row's step kind, and a Capture (with its batch index) for every slow row."""
+        """Each active row's step kind, and a Capture (with its batch index) for every slow row; the slow rows'
+        refreshes start (`plan`, then `commit`)."""
+        kinds, captures = self.plan(active, lengths)
+        self.commit(captures)
+        return kinds, captures
+
+    def plan(self, active: Sequence[int], lengths: Sequence[int],
+             pending: Sequence[bool] | None = None) -> tuple[list[str], list[Capture]]:
+        """`kinds` without changing anything, for rows whose cache holds lengths[row] tokens; `pending` (per
+        active row) stands in for what the rows' boundaries said (a step planned before its inputs are known)."""
         kinds, captures = [], []
         for i, row in enumerate(active):
             length = lengths[row] + 1  # this step's token is written before attention
             if length <= self.budget:
                 kind = "full"
-            elif self.pending[row] or not self.has_memory[row]:
+            elif (self.pending[row] if pending is None else pending[i]) or not self.has_memory[row]:
                 kind = "slow"
                 capture = self._domain(row, length)
                 capture.batch_index = i
@@ -149,6 +161,18 @@ class SfiRuntime:
                 kind = "fast"
             kinds.append(kind)
         return kinds, captures
+
+    def commit(self, captures: Sequence[Capture]) -> None:
+        """Start the planned slow rows' refreshes (their recent spans and compact lengths from this step on)."""
+        for capture in captures:
+            self._commit(capture)
+
+    def guess_pending(self, row: int) -> bool:
+        """What the row's boundary will most likely say of the token being sampled now (`Boundary.guess`, or its
+        answer for a token that neither ends nor starts a sentence), without changing its state."""
+        guess = getattr(self.boundary, "guess", None)
+        state = dataclasses.replace(self.state[row])
+        return guess(state) if guess is not None else self.boundary.observe(state, -1)
 
     def ranges(self, active: Sequence[int], kinds: Sequence[str]) -> tuple[list[int], list[int]]:
         """Per row (compact length, first cache position read): fast rows read their memory and recent

@@ -159,9 +159,11 @@ class StaggeredPeriod:
 
 
 def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: SfiConfig | None = None,
-               period: int = 24, seed: int = 0, warmup_steps: int = 5, cuda_graphs: bool = True) -> dict[str, Any]:
+               period: int = 24, seed: int = 0, warmup_steps: int = 5, cuda_graphs: bool = True,
+               pipeline: bool | None = None) -> dict[str, Any]:
     """Our decoder on random prompts; `sfi` None is the dense recipe. With SFI, random weights produce no
-    sentences, so a slow step fires every `period` tokens per row, rows staggered (bench-protocol.md)."""
+    sentences, so a slow step fires every `period` tokens per row, rows staggered (bench-protocol.md). `pipeline`:
+    `Decoder.step`'s (default: with graphs, unless sfi.engine.decoder.PIPELINE is off, for an A/B)."""
     device = model.device
     requests = _requests(model, ctx, batch, new_tokens, seed)
     runtime = None
@@ -170,15 +172,21 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
         runtime = SfiRuntime(sfi, StaggeredPeriod(period, batch), batch, model.args.kv_bytes_per_token(model.dtype))
     _sync(device)
     t0 = time.perf_counter()
-    steps, prefill_s, kinds, captures = [], 0.0, [], 0
-    for event in generate(model, requests, prefill_chunk=4096, runtime=runtime, cuda_graphs=cuda_graphs):
-        if isinstance(event, StepDone):
-            _sync(device)
+    steps, prefill_s, kinds, captures, previous_captured = [], 0.0, [], 0, False
+    gpu, walls = [], []  # per timed step: the device's time for its forward; the time since the last step's event
+    arrived = None
+    for event in generate(model, requests, prefill_chunk=4096, runtime=runtime, cuda_graphs=cuda_graphs,
+                          time_gpu=True, pipeline=pipeline):
+        now = time.perf_counter()
+        if isinstance(event, StepDone):  # its tokens are read: the device has done the step
             step_kinds = event.kinds or ["slow"] * len(event.rows)
             if event.captured_graph:  # one-time cost of a new step shape, not decode speed
                 captures += 1
             else:
                 steps.append((len(event.rows), event.seconds, "slow" in step_kinds))
+                gpu.append(event.gpu_seconds)
+                walls.append(now - arrived if arrived is not None and not previous_captured else None)
+            previous_captured, arrived = event.captured_graph, now
             kinds += step_kinds
         else:
             prefill_s += event.seconds
@@ -186,7 +194,11 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
     timed = steps[warmup_steps:]  # the first steps compile kernels
     seconds = [t for _, t, _ in timed]
     median_ms = lambda ts: 1e3 * statistics.median(ts) if ts else None  # noqa: E731
+    # Wall time from one step's event to the next, the host's bookkeeping between steps included (a step's own
+    # `seconds` leave out what follows its tokens unless steps are pipelined).
+    wall = [(n, w) for (n, _, _), w in zip(timed, walls[warmup_steps:], strict=True) if w is not None]
     result = {"tok_s": sum(n for n, _, _ in timed) / sum(seconds), "step_ms_p50": median_ms(seconds),
+              "tok_s_wall": sum(n for n, _ in wall) / sum(w for _, w in wall) if wall else None,
               "step_ms_p90": 1e3 * sorted(seconds)[int(0.9 * (len(seconds) - 1))], "prefill_s": prefill_s,
               "end_to_end_s": total_s, "slow_fraction": kinds.count("slow") / max(len(kinds), 1),
               "graph_captures": captures, "timed_steps": len(timed),
@@ -194,6 +206,12 @@ def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: S
               "steps_with_slow": sum(slow for _, _, slow in timed) / max(len(timed), 1),
               "step_ms_with_slow_p50": median_ms([t for _, t, slow in timed if slow]),
               "step_ms_fast_only_p50": median_ms([t for _, t, slow in timed if not slow])}
+    if device.type == "cuda":
+        # A step's wall time is the host's work before the forward (the runtime's decisions, staging), the forward
+        # on the device, then sampling and reading the tokens back; the difference is what the host adds.
+        forward = gpu[warmup_steps:]
+        result["gpu_step_ms_p50"] = median_ms(forward)
+        result["host_ms_p50"] = median_ms([t - f for t, f in zip(seconds, forward, strict=True)])
     if runtime is not None:
         reports = [runtime.report(r) for r in range(batch)]
         result["attended_fraction"] = statistics.mean(r["attended_fraction"] for r in reports)
@@ -354,8 +372,11 @@ def run_bench(preset: str, ctxs: Sequence[int], batches: Sequence[int], new_toke
             row["best_dense"] = best
             row["sfi_over_best_dense"] = row["sfi"]["tok_s"] / row[best]["tok_s"]
             plain_text = f", plain PyTorch {row['torch']['tok_s']:,.1f}" if "torch" in row else ""
+            sfi_row = row["sfi"]
+            host = (f"; SFI step p50 {sfi_row['step_ms_p50']:.2f} ms, {sfi_row['host_ms_p50']:.2f} of it the host's"
+                    if sfi_row.get("host_ms_p50") is not None else "")
             say(f"{ctx} x {batch}: SFI {row['sfi']['tok_s']:,.1f} tok/s, dense {row['dense']['tok_s']:,.1f} tok/s"
-                f"{plain_text} ({row['sfi_over_best_dense']:.2f}x the faster dense)")
+                f"{plain_text} ({row['sfi_over_best_dense']:.2f}x the faster dense){host}")
             report["runs"].append(row)
         del model
         if hf:
