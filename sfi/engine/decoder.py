@@ -23,7 +23,7 @@ from ..method.runtime import Capture, SfiRuntime
 from ..model import PrefillStep, Transformer
 from ..sampling import RowSampler, sample
 from ..stopping import StopChecker
-from .step import StaticDecoder
+from .step import Prepared, StaticDecoder
 
 # Whether decoders pipeline their steps by default (with CUDA graphs); False: one step at a time, for an A/B.
 PIPELINE = True
@@ -388,9 +388,11 @@ class Decoder:
         synced = time.perf_counter()
         seconds = synced - flight.started
         gpu_seconds = self.static.gpu_seconds()
-        active, kinds, lengths = flight.plan.active, flight.plan.kinds, flight.plan.lengths
-        if rt is not None:
-            rt.record(active, kinds, lengths, seconds)
+        plan = flight.plan
+        active, kinds, lengths = plan.active, plan.kinds, plan.lengths
+        # Accounted once the next step is launched, from the step's own ranges and step numbers (which the next
+        # step's refreshes and this step's tokens change).
+        numbers = [rt.state[s].step for s in active] if rt is not None else None
         finished = []
         for slot, token in zip(active, tokens, strict=True):
             row = self.rows[slot]
@@ -403,18 +405,19 @@ class Decoder:
                 rt.observe(slot, token)
         if self.pipeline:
             try:
-                plan = self._plan()
-                if plan is not None and guess is not None and guess.same_as(plan):
-                    plan = guess
+                after = guess if guess is not None and guess.holds(self) else self._plan()
+                if after is not None and after is guess:
                     self.planned_ahead += 1
-                elif plan is not None:
-                    plan.prepared = self._prepare(plan)
+                elif after is not None:
+                    after.prepared = self._prepare(after)
                     self.replanned += 1
                 # A step that captures a graph waits for the next call: its time is then its own, not this one's.
-                if plan is not None and not self.static.needs_capture(plan.prepared):
-                    self._flight = self._launch(plan, synced)
+                if after is not None and not self.static.needs_capture(after.prepared):
+                    self._flight = self._launch(after, synced)
             except Exception as exc:  # reported by the next call, after this step's tokens are out
                 self._error = exc
+        if rt is not None:
+            rt.record(active, kinds, lengths, seconds, (plan.clen, plan.start), numbers)
         event = StepDone(self.steps, active, tokens, finished, seconds, kinds, logprobs, flight.captured,
                          sampled if any(r.forced for r in requests) else None, gpu_seconds)
         self.steps += 1
@@ -435,6 +438,7 @@ class Decoder:
         active = list(lengths)
         if not active:
             return None
+        assumed = (list(lengths), pending)
         kinds, captures = rt.plan(active, lengths, pending) if rt is not None else (None, [])
         if captures:  # slow rows first: the step attends to them in a launch of their own (sfi.engine.step)
             order = sorted(range(len(active)), key=lambda i: kinds[i] != "slow")
@@ -443,15 +447,16 @@ class Decoder:
                 c.batch_index = order.index(c.batch_index)
         clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
         slow = [(c.batch_index, c.lo, c.hi) for c in captures]
-        return _Plan(active, kinds, captures, lengths, clen, start, slow)
+        return _Plan(active, kinds, captures, lengths, clen, start, slow, assumed=assumed)
 
     def _guess(self, flight: _Flight) -> _Plan | None:
+        """The step after `flight`, planned and staged from a guess of what its tokens decide (see `step`)."""
         plan = self._plan(flight)
         if plan is not None:
             plan.prepared = self._prepare(plan)
         return plan
 
-    def _prepare(self, plan: _Plan):
+    def _prepare(self, plan: _Plan) -> Prepared:
         return self.static.prepare(plan.active, [plan.lengths[s] for s in plan.active], plan.clen, plan.start,
                                    plan.slow, probe=self.probe)
 
@@ -474,14 +479,19 @@ class _Plan:
     clen: list[int]
     start: list[int]
     slow: list[tuple[int, int, int]]
-    prepared: object = None
+    prepared: Prepared | None = None
+    assumed: tuple[list[int], list[bool] | None] = ([], None)  # the decoding rows and pending slow steps planned for
 
-    def same_as(self, other: _Plan) -> bool:
-        """Whether two plans launch the same step (rows, order, kinds, ranges, positions and refresh domains)."""
-        return (self.active == other.active and self.kinds == other.kinds and self.clen == other.clen
-                and self.start == other.start and self.slow == other.slow
-                and [self.lengths[s] for s in self.active] == [other.lengths[s] for s in other.active])
-
+    def holds(self, decoder: Decoder) -> bool:
+        """Whether this plan, made from guesses, is the plan the decoder's rows now make: it is a function of the
+        decoding rows, their lengths and pending slow steps (and of the runtime's memory state, which only a launch
+        changes), so it holds if those are what it assumed."""
+        rows, pending = self.assumed
+        now = [s for s, r in decoder.rows.items() if r.decoding]
+        if now != rows or any(decoder.rows[s].length != self.lengths[s] for s in rows):
+            return False
+        rt = decoder.runtime
+        return rt is None or all(rt.pending[s] == p for s, p in zip(rows, pending, strict=True))
 
 @dataclass
 class _Flight:

@@ -181,14 +181,18 @@ class SfiRuntime:
         return ([self.compact_len[r] if f else 0 for r, f in zip(active, fast, strict=True)],
                 [self.recent_start[r] if f else 0 for r, f in zip(active, fast, strict=True)])
 
-    def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float) -> None:
-        """Account one finished step (before `lengths` advance)."""
+    def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float,
+               ranges: tuple[Sequence[int], Sequence[int]] | None = None, numbers: Sequence[int] | None = None) -> None:
+        """Account one finished step (before `lengths` advance). `ranges` (the step's `ranges`) and `numbers` (the
+        rows' step numbers, `state[row].step` before the step's token was observed) stand in for the rows' state
+        when the step is accounted after the next one started (a pipelined decoder)."""
         layers, dense = self.cache.k.shape[0], min(self.cfg.dense_layers, self.cache.k.shape[0])
-        for row, kind in zip(active, kinds, strict=True):
+        clen, start = ranges if ranges is not None else self.ranges(active, kinds)
+        for i, (row, kind) in enumerate(zip(active, kinds, strict=True)):
             s, length = self.stats[row], lengths[row] + 1
             attended = length
             if kind == "fast":  # the memory and the recent span, but the whole cache in the dense layers
-                sparse = self.compact_len[row] + length - self.recent_start[row]
+                sparse = clen[i] + length - start[i]
                 attended = (dense * length + (layers - dense) * sparse) / layers
             s.attended += attended
             s.context += length
@@ -198,7 +202,7 @@ class SfiRuntime:
             s.all_seconds += seconds
             if kind == "slow":
                 s.slow += 1
-                s.slow_steps.append(self.state[row].step)
+                s.slow_steps.append(self.state[row].step if numbers is None else numbers[i])
                 s.slow_seconds.append(seconds)
             else:
                 s.fast += 1
