@@ -445,3 +445,27 @@ class _ThirdIds:
         if slow:
             state.last_slow = state.step
         return slow
+
+
+def test_pipelined_step_times_leave_out_prefills_between_them(ckpt):
+    """A prefill between two calls waits for the step in flight first: a step's time ends there, and the prefill's
+    is its own, so steps' and prefills' times never overlap (their sum fits in the loop's wall time)."""
+    lm = load_model(ckpt, device="cpu")
+    ids = tiny.tokenizer()(TEXT)["input_ids"]
+    rt = SfiRuntime(SfiConfig(sink=4, k_head=16, recent=8), FixedPeriod(4), 2,
+                    lm.args.kv_bytes_per_token(lm.model.dtype))
+    decoder = Decoder(lm.model, 2, 600, rt, prefill_chunk=32, pipeline=True)
+    reqs = [Request(ids[o:o + 300], RowSampler(SamplingParams(), 0), StopChecker(lm.tokenizer, (), (), m))
+            for o, m in ((0, 6), (5, 20), (9, 12), (3, 8))]
+    queue, timed = list(reqs), 0.0
+    started = time.perf_counter()
+    while queue or decoder.busy:
+        for slot in decoder.free:
+            if queue:
+                decoder.admit(slot, queue.pop(0))
+        timed += sum(e.seconds for e in decoder.prefill(32))  # a chunk per step: prompts prefill between steps
+        event = decoder.step()
+        timed += event.seconds if event is not None else 0.0
+    wall = time.perf_counter() - started
+    assert decoder.planned_ahead > 0 and all(r.stopper.finished for r in reqs)
+    assert timed <= wall

@@ -257,6 +257,8 @@ class Decoder:
         done: list[PrefillDone] = []
         spent = 0
         waiting: list[_Prefill] = []  # followers whose prefix is not in their source row yet
+        if self.prefills:
+            self._land()
         while self.prefills and (budget is None or spent < budget):
             p = self.prefills.popleft()
             if p.waits_for is not None and not self._copy_prefix(p):
@@ -386,7 +388,7 @@ class Decoder:
         guess = self._guess(flight) if self.pipeline else None  # while the device runs the step
         tokens, sampled, logprobs = _choose(flight.logits, requests, chosen)
         synced = time.perf_counter()
-        seconds = synced - flight.started
+        seconds = (flight.landed or synced) - flight.started
         gpu_seconds = self.static.gpu_seconds()
         plan = flight.plan
         active, kinds, lengths = plan.active, plan.kinds, plan.lengths
@@ -422,6 +424,14 @@ class Decoder:
                          sampled if any(r.forced for r in requests) else None, gpu_seconds)
         self.steps += 1
         return event
+
+    def _land(self) -> None:
+        """Wait for the step in flight (before other work on the device: a prefill), so that its time and the
+        other work's are each their own."""
+        flight = self._flight
+        if flight is not None and flight.landed is None:
+            _settle(flight.logits)
+            flight.landed = time.perf_counter()
 
     def _plan(self, after: _Flight | None = None) -> _Plan | None:
         """The next step's rows (slow ones first), kinds and ranges, from the rows as they are; with `after`, the
@@ -495,12 +505,13 @@ class _Plan:
 
 @dataclass
 class _Flight:
-    """A launched step: its plan, its logits (valid until the next launch), when its time started."""
+    """A launched step: its plan, its logits (valid until the next launch), when its time started and ended."""
 
     plan: _Plan
     logits: torch.Tensor
     started: float
     captured: bool
+    landed: float | None = None  # when the host saw it done, if it waited for it before reading its tokens
 
 
 def _settle(t: torch.Tensor) -> None:
