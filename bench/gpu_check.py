@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import torch
 from gpu_refresh_profile import refresh_case, refresh_ms  # bench/ is the script's folder
@@ -21,17 +22,8 @@ from sfi.sampling import RowSampler, SamplingParams
 from sfi.stopping import StopChecker
 from sfi.tools.bench import bench_ours, random_model
 
-
-class ThirdIds:
-    """Slow steps that follow the tokens (ids divisible by 3, at least every 9th step): the pipeline's guess of
-    them misses a third of the time."""
-
-    def observe(self, state, token: int) -> bool:
-        state.step += 1
-        slow = token % 3 == 0 or state.step - state.last_slow >= 9
-        if slow:
-            state.last_slow = state.step
-        return slow
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny import ThirdIds  # noqa: E402  (slow steps that follow the tokens)
 
 
 def decode(model, prompts, new, cfg, boundary=None, **kw):

@@ -395,7 +395,7 @@ def test_pipelined_steps_decode_what_steps_one_at_a_time_decode(ckpt, sfi):
     lm = load_model(ckpt, device="cpu")
     cfg = SfiConfig(sink=4, k_head=16, recent=8)
     ids = tiny.tokenizer()(TEXT)["input_ids"]
-    boundary = _ThirdIds()
+    boundary = tiny.ThirdIds()
     specs = [(0, 200, 16, 0.0), (5, 120, 30, 0.8), (9, 260, 12, 0.0), (3, 90, 24, 0.7), (7, 150, 20, 0.0),
              (11, 70, 18, 0.0)]
 
@@ -434,17 +434,6 @@ def test_pipelined_steps_decode_what_steps_one_at_a_time_decode(ckpt, sfi):
     assert piped[3].planned_ahead > 0 and piped[3].replanned > 0
     assert plain[3].planned_ahead == plain[3].replanned == 0
 
-
-class _ThirdIds:
-    """A boundary whose slow steps follow the tokens (any id divisible by 3; at least every 9th step), with no
-    `guess`: the runtime's guess (a token that is none) misses a third of them."""
-
-    def observe(self, state, token: int) -> bool:
-        state.step += 1
-        slow = token % 3 == 0 or state.step - state.last_slow >= 9
-        if slow:
-            state.last_slow = state.step
-        return slow
 
 
 def test_pipelined_step_times_leave_out_prefills_between_them(ckpt):

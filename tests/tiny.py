@@ -82,3 +82,15 @@ def load_for_sfi(tmp_root: Path, family: str, seed: int, **overrides):
 
     overrides = ({"num_key_value_heads": 4} if family == "qwen3" else {}) | overrides
     return load_model(str(make_checkpoint(tmp_root, family, seed=seed, **overrides)), device="cpu")
+
+
+class ThirdIds:
+    """A boundary policy whose slow steps follow the tokens: any id divisible by 3, and at least every 9th step. It
+    has no `guess`, so a pipelined decoder's guess (a token that is none) misses a third of them."""
+
+    def observe(self, state, token: int) -> bool:
+        state.step += 1
+        slow = token % 3 == 0 or state.step - state.last_slow >= 9
+        if slow:
+            state.last_slow = state.step
+        return slow
