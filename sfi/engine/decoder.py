@@ -5,7 +5,9 @@ that are decoding. `Decoder` is the state; `generate` runs one batch to its end 
 Each admitted row is independent of its neighbours: its SFI state is reset on admission, its sampler is its
 own, and its cache row is its own. A row whose prompt shares a prefix with a row still in its slot copies that
 prefix's K/V instead of computing it (`Request.reuse`). Events (`PrefillDone`, `StepDone`) report what each
-call did, so progress, timing and reports need no hooks in the loop.
+call did, so progress, timing and reports need no hooks in the loop. With CUDA graphs the steps are pipelined: a
+call launches the next step before it returns the last one's event (see `Decoder.step`), and the caller's work in
+between (results, admissions) runs while the device decodes.
 """
 
 from __future__ import annotations
