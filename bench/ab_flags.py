@@ -1,6 +1,6 @@
 """An `sfi` command with module-level switches set, for an A/B against the defaults in the same device call.
 Usage: python3 bench/ab_flags.py MODULE.NAME=VALUE [...] -- SFI-ARGS...
-e.g. sfi.model.FOLD_SPLIT_SUMS=false or sfi_kernels.skinny_gemm.PREFETCH_TILES=2; values are ints or
+e.g. sfi.model.FOLD_SPLIT_SUMS=false or sfi_kernels.skinny_gemm.PREFETCH_FIRST_TILE=false; values are ints or
 true/false, and NAME must exist."""
 
 import importlib

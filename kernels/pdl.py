@@ -9,7 +9,7 @@ With PDL a kernel launches while its predecessor still runs: its programs are re
 and `pdl_wait` returns once the predecessor has completed and its writes are visible; the successor may launch in
 turn. (Prefetching a matrix product's weights into L2 before the wait, 4-32 MB per launch, made the chain slower
 in proportion to the amount on an H200: bench/results/2026-12-03-h200-pdl-probe-1.json; each program loading its
-own first weight tiles before the wait is kept: skinny_gemm.PREFETCH_TILES.) Since every kernel
+own first weight tile before the wait is kept: skinny_gemm.PREFETCH_FIRST_TILE.) Since every kernel
 launched with PDL waits before it completes, a kernel's completion implies all earlier kernels' (so a kernel may
 read what any earlier kernel wrote).
 

@@ -30,9 +30,9 @@ except ImportError:  # CPU installs without triton use the reference
     triton = None
 
 MAX_ROWS = 16
-# Weight tiles each program loads before waiting for the previous kernel (with PDL: while that kernel still runs), up
-# to 4; 0: every load after the wait, for an A/B. The products are summed in the same order whatever the depth.
-PREFETCH_TILES = 1
+# Each program loads its first weight tile before waiting for the previous kernel (with PDL: while that kernel still
+# runs); False: after the wait, for an A/B.
+PREFETCH_FIRST_TILE = True
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -79,32 +79,18 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
         w_at = w_ptr + n.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        # No kernel writes the weights: up to PREFETCH tiles are loaded before the wait, while the previous kernel
-        # still runs (kernels/pdl.py), and multiplied, in order, once x may be read.
-        if PREFETCH >= 1:
+        if PREFETCH:
+            # No kernel writes the weights: the first tile is loaded before the wait, while the previous kernel
+            # still runs (kernels/pdl.py), and multiplied once x may be read.
             k = k_lo + tl.arange(0, BLOCK_K)
-            w0 = tl.load(w_at + k[None, :], mask=nmask[:, None] & (k < k_hi)[None, :], other=0.0)
-        if PREFETCH >= 2:
-            w1 = tl.load(w_at + BLOCK_K + k[None, :], mask=nmask[:, None] & (k + BLOCK_K < k_hi)[None, :], other=0.0)
-        if PREFETCH >= 3:
-            w2 = tl.load(w_at + 2 * BLOCK_K + k[None, :], mask=nmask[:, None] & (k + 2 * BLOCK_K < k_hi)[None, :],
-                         other=0.0)
-        if PREFETCH >= 4:
-            w3 = tl.load(w_at + 3 * BLOCK_K + k[None, :], mask=nmask[:, None] & (k + 3 * BLOCK_K < k_hi)[None, :],
-                         other=0.0)
-        pdl_wait(PDL)
-        if PREFETCH >= 1:
-            acc = _tile_product(acc, w0, x_ptr, k, k < k_hi, m, mmask, stride_xm, K, USE_DOT, UPCAST, GATED)
-        if PREFETCH >= 2:
-            acc = _tile_product(acc, w1, x_ptr, k + BLOCK_K, k + BLOCK_K < k_hi, m, mmask, stride_xm, K, USE_DOT,
-                                UPCAST, GATED)
-        if PREFETCH >= 3:
-            acc = _tile_product(acc, w2, x_ptr, k + 2 * BLOCK_K, k + 2 * BLOCK_K < k_hi, m, mmask, stride_xm, K,
-                                USE_DOT, UPCAST, GATED)
-        if PREFETCH >= 4:
-            acc = _tile_product(acc, w3, x_ptr, k + 3 * BLOCK_K, k + 3 * BLOCK_K < k_hi, m, mmask, stride_xm, K,
-                                USE_DOT, UPCAST, GATED)
-        first = k_lo + PREFETCH * BLOCK_K
+            kmask = k < k_hi
+            w = tl.load(w_at + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            pdl_wait(PDL)
+            acc = _tile_product(acc, w, x_ptr, k, kmask, m, mmask, stride_xm, K, USE_DOT, UPCAST, GATED)
+            first = k_lo + BLOCK_K
+        else:
+            pdl_wait(PDL)
+            first = k_lo
         for k0 in range(first, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < k_hi
@@ -205,7 +191,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         # The interpreter's bf16/fp16 products are wrong (Triton 3.9); it multiplies float32 tiles exactly.
         HAS_BIAS=bias is not None, USE_DOT=m_pad > 1, UPCAST=interpreting() or x.dtype == torch.float32,
         M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, GATED=gated,
-        PREFETCH=min(max(PREFETCH_TILES, 0), 4),
+        PREFETCH=PREFETCH_FIRST_TILE,
         num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
     if split > 1 and partial:
         return SplitPartials(part, bias, m, (*x.shape[:-1], n), x.dtype)

@@ -94,15 +94,14 @@ def test_partials_added_by_add_rms_norm_equal_the_split_sum(m, bias, dtype):
 
 @pytest.mark.parametrize("m,n,k,config", [(1, 27, 2100, None), (3, 100, 1110, (32, 128, 4, 4, 3)),
                                           (2, 40, 100, (16, 128, 1, 4, 2)), (5, 70, 700, (16, 64, 3, 4, 2))])
-def test_weight_tiles_before_the_wait_give_the_same_product(m, n, k, config, monkeypatch):
-    """Each program's first weight tiles loaded before the PDL wait (one, the default, up to four: more than a split
-    holds included) or all in the loop: the same sums, bit for bit."""
+def test_first_weight_tile_before_the_wait_gives_the_same_product(m, n, k, config, monkeypatch):
+    """Each program's first weight tile loaded before the PDL wait (the default) or in the loop: the same sums, bit
+    for bit, and the product's."""
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g).to(DEVICE, torch.bfloat16)
     w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
-    assert skinny_gemm.PREFETCH_TILES == 1
+    assert skinny_gemm.PREFETCH_FIRST_TILE
     first = skinny_linear(x, w, config=config)
     torch.testing.assert_close(first, skinny_linear_ref(x, w), atol=3e-2, rtol=3e-2)
-    for depth in (0, 2, 3, 4):
-        monkeypatch.setattr(skinny_gemm, "PREFETCH_TILES", depth)
-        assert torch.equal(first, skinny_linear(x, w, config=config)), depth
+    monkeypatch.setattr(skinny_gemm, "PREFETCH_FIRST_TILE", False)
+    assert torch.equal(first, skinny_linear(x, w, config=config))

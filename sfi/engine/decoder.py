@@ -369,10 +369,10 @@ class Decoder:
 
         Pipelined (`pipeline`), the next step is launched before this one's bookkeeping and before this returns,
         and its inputs are planned and staged while this one runs on the device, from a guess of what this step's
-        tokens will decide (which rows turn slow or stop); once the tokens are read, the plan is made again from
-        what they did decide and the staged one is used only if it is the same. So the device is not left waiting
-        on the host, and every row's steps, kinds and tokens are what they are without it. Rows admitted meanwhile
-        join at the step after the one in flight."""
+        tokens will decide (which rows turn slow or stop). Once the tokens are read, the staged plan is used only if
+        what it assumed holds (`_Plan.holds`); otherwise the step is planned again. So the device is not left
+        waiting on the host, and every row's steps, kinds and tokens are what they are without it. Rows admitted
+        meanwhile join at the step after the one in flight."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -459,7 +459,7 @@ class Decoder:
                 c.batch_index = order.index(c.batch_index)
         clen, start = rt.ranges(active, kinds) if rt is not None else ([0] * len(active),) * 2
         slow = [(c.batch_index, c.lo, c.hi) for c in captures]
-        return _Plan(active, kinds, captures, lengths, clen, start, slow, assumed=assumed)
+        return _Plan(active, kinds, captures, lengths, clen, start, slow, assumed)
 
     def _guess(self, flight: _Flight) -> _Plan | None:
         """The step after `flight`, planned and staged from a guess of what its tokens decide (see `step`)."""
@@ -491,8 +491,8 @@ class _Plan:
     clen: list[int]
     start: list[int]
     slow: list[tuple[int, int, int]]
+    assumed: tuple[list[int], list[bool] | None]  # the decoding rows and the pending slow steps it was planned for
     prepared: Prepared | None = None
-    assumed: tuple[list[int], list[bool] | None] = ([], None)  # the decoding rows and pending slow steps planned for
 
     def holds(self, decoder: Decoder) -> bool:
         """Whether this plan, made from guesses, is the plan the decoder's rows now make: it is a function of the

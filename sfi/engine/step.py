@@ -172,21 +172,14 @@ class StaticDecoder:
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._staged: Prepared | None = None  # the step whose inputs the host buffers hold
 
-    def decode(self, tokens: Sequence[int], rows: Sequence[int], positions: Sequence[int],
-               compact_len: Sequence[int], span_start: Sequence[int],
-               slow: Sequence[tuple[int, int, int]] = (), probe=None) -> torch.Tensor:
-        """One step; float32 logits [B, V], valid until the next call. Row b reads compact_len[b] rows of
-        its compact memory, then its cache from span_start[b] to positions[b] (inclusive), positions of its own
-        (the cache adds the row's base). Each (batch
-        index, lo, hi) of `slow` names a slow row (which must read its whole cache): its memory is
-        refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall diagnostic) sees every
-        layer's attention; such steps are launched op by op. The same as `launch(prepare(...), tokens)`."""
-        return self.launch(self.prepare(rows, positions, compact_len, span_start, slow, probe), tokens)
-
     def prepare(self, rows: Sequence[int], positions: Sequence[int], compact_len: Sequence[int],
                 span_start: Sequence[int], slow: Sequence[tuple[int, int, int]] = (), probe=None) -> Prepared:
-        """A step's shape and staged inputs, all but its tokens (see `decode`); launched by `launch`. Preparing
-        another step before launching this one discards it (both stage into the same host buffers)."""
+        """A step's shape and staged inputs, all but its tokens; run by `launch`. Row b reads compact_len[b] rows of
+        its compact memory, then its cache from span_start[b] to positions[b] (inclusive), positions of its own (the
+        cache adds the row's base). Each (batch index, lo, hi) of `slow` names a slow row (which must read its whole
+        cache): its memory is refreshed from its domain [lo, hi) during the step. A `probe` (eval's recall
+        diagnostic) sees every layer's attention; such steps are launched op by op. Preparing another step before
+        launching this one discards it (both stage into the same host buffers)."""
         n, n_slow = len(rows), len(slow)
         if any(i >= n_slow for i, _, _ in slow):
             raise ValueError("slow rows must come first in a step's batch")
@@ -229,7 +222,8 @@ class StaticDecoder:
         return self._staged
 
     def launch(self, prepared: Prepared, tokens: Sequence[int]) -> torch.Tensor:
-        """Run a prepared step on `tokens` (one per row of `prepare`'s rows); its logits as `decode`'s."""
+        """Run a prepared step on `tokens` (one per row of `prepare`'s rows): float32 logits [rows, V], valid until
+        the next launch."""
         if prepared is not self._staged:
             raise ValueError("that step's staged inputs were replaced by another prepare()")
         self._staged = None

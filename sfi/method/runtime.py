@@ -136,17 +136,11 @@ class SfiRuntime:
         return capture
 
     # -- per step -------------------------------------------------------------------------------------
-    def kinds(self, active: Sequence[int], lengths: Sequence[int]) -> tuple[list[str], list[Capture]]:
-        """Each active row's step kind, and a Capture (with its batch index) for every slow row; the slow rows'
-        refreshes start (`plan`, then `commit`)."""
-        kinds, captures = self.plan(active, lengths)
-        self.commit(captures)
-        return kinds, captures
-
     def plan(self, active: Sequence[int], lengths: Sequence[int],
              pending: Sequence[bool] | None = None) -> tuple[list[str], list[Capture]]:
-        """`kinds` without changing anything, for rows whose cache holds lengths[row] tokens; `pending` (per
-        active row) stands in for what the rows' boundaries said (a step planned before its inputs are known)."""
+        """Each active row's step kind, and a Capture (with its batch index) for every slow row, for rows whose
+        cache holds lengths[row] tokens; nothing changes until `commit`. `pending` (per active row) stands in for
+        what the rows' boundaries said (a step planned before its inputs are known)."""
         kinds, captures = [], []
         for i, row in enumerate(active):
             length = lengths[row] + 1  # this step's token is written before attention
@@ -182,12 +176,12 @@ class SfiRuntime:
                 [self.recent_start[r] if f else 0 for r, f in zip(active, fast, strict=True)])
 
     def record(self, active: Sequence[int], kinds: Sequence[str], lengths: Sequence[int], seconds: float,
-               ranges: tuple[Sequence[int], Sequence[int]] | None = None, numbers: Sequence[int] | None = None) -> None:
-        """Account one finished step (before `lengths` advance). `ranges` (the step's `ranges`) and `numbers` (the
-        rows' step numbers, `state[row].step` before the step's token was observed) stand in for the rows' state
-        when the step is accounted after the next one started (a pipelined decoder)."""
+               ranges: tuple[Sequence[int], Sequence[int]], numbers: Sequence[int]) -> None:
+        """Account one finished step from its plan: lengths before it, its `ranges`, and the rows' step numbers
+        (`state[row].step` before its token was observed). A pipelined decoder accounts a step after launching the
+        next, whose refreshes and tokens have changed the rows' own state by then."""
         layers, dense = self.cache.k.shape[0], min(self.cfg.dense_layers, self.cache.k.shape[0])
-        clen, start = ranges if ranges is not None else self.ranges(active, kinds)
+        clen, start = ranges
         for i, (row, kind) in enumerate(zip(active, kinds, strict=True)):
             s, length = self.stats[row], lengths[row] + 1
             attended = length
@@ -202,7 +196,7 @@ class SfiRuntime:
             s.all_seconds += seconds
             if kind == "slow":
                 s.slow += 1
-                s.slow_steps.append(self.state[row].step if numbers is None else numbers[i])
+                s.slow_steps.append(numbers[i])
                 s.slow_seconds.append(seconds)
             else:
                 s.fast += 1
