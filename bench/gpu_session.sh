@@ -29,6 +29,10 @@ run_stage() {
     # The same with the ranged attention kernel's defaults changed ($AB_KERNEL, see bench/ab_kernel.py).
     ab-kernel) python3 bench/ab_kernel.py ${AB_KERNEL:-} -- bench --ctx "${AB_CTX:-8k,32k}" --batch "${AB_BATCH:-1,4}" \
                  --new-tokens 256 --no-hf --no-torch --json "$OUT/ab-${AB_NAME:-kernel}.json" ;;
+    # `sfi bench` with one kind of the decode step's kernels left out ($ABLATE, see bench/ablate.py), at $AB_CTX x
+    # $AB_BATCH (8k x 1,4 by default), JSON to $OUT/ablate-$ABLATE.json: what fusing that kind away could save at most.
+    ablate) python3 bench/ablate.py "$ABLATE" -- bench --ctx "${AB_CTX:-8k}" --batch "${AB_BATCH:-1,4}" \
+              --new-tokens 256 --no-hf --no-torch --json "$OUT/ablate-$ABLATE.json" ;;
     # A step holding a slow row against a fast-only step, part by part (8k x 16 and 32k x 4).
     slow-parts) python3 bench/slow_parts.py "$OUT/slow-parts.json" ;;
     sweep-long) python3 bench/gpu_kernel_sweep.py "$OUT/sweep-long.json" long ;;
