@@ -18,6 +18,7 @@ run_stage() {
     prefill-profile) python3 bench/gpu_prefill_profile.py "$OUT/prefill-profile.json" ;;
     ab-stages) python3 bench/ab_stages.py "$OUT/ab-stages.json" ;;
     pdl-probe) python3 bench/pdl_probe.py "$OUT/pdl-probe.json" ;;
+    gemm-sweep) python3 bench/gemm_sweep.py "$OUT/gemm-sweep.json" ;;
     tests-ranged) python3 -m pytest -q -x -p no:cacheprovider tests/test_ranged_kernel.py ;;
     # The kernels that take programmatic dependent launch, on the GPU (PDL on, the default there).
     tests-pdl) python3 -m pytest -q -x -p no:cacheprovider tests/test_pdl.py tests/test_skinny_gemm.py \

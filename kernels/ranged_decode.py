@@ -13,8 +13,7 @@ lo), so a slow step reads K once. (The keys' norms are written with the keys, sf
 even as the diagonal of K K^T on the tensor cores, cost a captured pass 2x an uncaptured one on an H200.)
 
 The Triton kernel splits each row's keys into chunks (flash-decoding) so that a batch of one still fills
-the GPU; partial results are merged with their log-sum-exp, by the last program of each (row, KV head) to finish
-(an atomic count; no merge launch of its own) unless a launch has more than FUSED_MAX_SPLITS splits.
+the GPU; partial results are merged with their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -100,34 +99,10 @@ _VARYING = ["stride_pb", "stride_ph", "stride_zs", "stride_zh", "stride_ns", "st
 
 if triton is not None:
 
-    @triton.jit
-    def _merge_head(part_o_ptr, part_lse_ptr, bh, n_split, d, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                    CACHE: tl.constexpr):
-        """(out [len(d)] float32, lse) of one (row, head) at dims d: its splits' partial outputs combined by their
-        log-sum-exp in one pass (a running maximum, earlier sums rescaled when it grows); empty splits carry -inf."""
-        m = float("-inf")
-        m_safe = 0.0
-        acc = tl.zeros(d.shape, tl.float32)
-        denom = 0.0
-        for start in range(0, n_split, BLOCK_S):
-            s = start + tl.arange(0, BLOCK_S)
-            smask = s < n_split
-            lse = tl.load(part_lse_ptr + bh * n_split + s, mask=smask, other=float("-inf"), cache_modifier=CACHE)
-            m_new = tl.maximum(m, tl.max(lse, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)  # 0 while nothing has been seen (m = -inf)
-            w = tl.exp(lse - m_safe)
-            o = tl.load(part_o_ptr + (bh * n_split + s)[:, None] * D + d[None, :], mask=smask[:, None],
-                        other=0.0, cache_modifier=CACHE)
-            acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
-            denom = denom * alpha + tl.sum(w, axis=0)
-            m = m_new
-        return acc / tl.where(denom > 0, denom, 1.0), tl.where(denom > 0, m_safe + tl.log(denom), float("-inf"))
-
     @triton.jit(do_not_specialize=_VARYING)
     def _ranged_decode_kernel(
         q_ptr, kc_ptr, vc_ptr, kk_ptr, vk_ptr, rows_ptr, clen_ptr, sstart_ptr, slen_ptr,
-        part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, count_ptr,
+        part_o_ptr, part_lse_ptr,
         slot_ptr, cap_lo_ptr, cap_hi_ptr, z_ptr,
         stride_qb, stride_qh,
         stride_cb, stride_ch, stride_cs,
@@ -136,7 +111,7 @@ if triton is not None:
         stride_zs, stride_zh,
         scale, SPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAPTURE: tl.constexpr, NATIVE: tl.constexpr,
-        PDL: tl.constexpr, FUSE: tl.constexpr, BLOCK_S: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         b = tl.program_id(0)
@@ -211,53 +186,38 @@ if triton is not None:
         p_off = b * stride_pb + heads * stride_ph + split * stride_ps
         tl.store(part_o_ptr + p_off[:, None] * D + d[None, :], out, mask=gmask[:, None])
         tl.store(part_lse_ptr + p_off, lse, mask=gmask)
-        if FUSE:
-            # The last of this (row, KV head)'s programs to finish merges its splits (`_merge_head`, reading
-            # through L2), so no merge launch follows. Every thread's partials are stored before the count is
-            # released; the count's acquire orders the merger's loads after every program's release.
-            tl.debug_barrier()
-            n_split = tl.num_programs(2)
-            counter = count_ptr + b * tl.num_programs(1) + h
-            if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed")  # every program has counted: zero for the next launch
-                for i in tl.static_range(G):
-                    bh = (b * tl.num_programs(1) + h) * G + i
-                    merged, merged_lse = _merge_head(part_o_ptr, part_lse_ptr, bh, n_split, d, D, BLOCK_S, ".cg")
-                    tl.store(out_ptr + bh * D + d, merged.to(out_ptr.dtype.element_ty))
-                    tl.store(lse_ptr + bh, merged_lse)
 
 
     @triton.jit(do_not_specialize=["n_split"])
     def _merge_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, n_split, D: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-        """One (row, head) and BLOCK_D of its D outputs (`_merge_head`). Spreading D over programs and the single
-        pass matter for one row's long launches: 32 programs each walking 256 splits twice took 32 us per layer
-        for a 128k slow row on an H200 (2026-12-03-h200-profile-slow-pdl.json)."""
+        """One (row, head) and BLOCK_D of its D outputs: combine the splits' partial outputs by their log-sum-exp
+        in one pass (a running maximum, earlier sums rescaled when it grows); empty splits carry -inf. Spreading
+        D over programs and the single pass matter for one row's long launches: 32 programs each walking 256
+        splits twice took 32 us per layer for a 128k slow row on an H200 (2026-12-03-h200-profile-slow-pdl.json)."""
         pdl_wait(PDL)
         bh = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        out, lse = _merge_head(part_o_ptr, part_lse_ptr, bh, n_split, d, D, BLOCK_S, "")
+        m = float("-inf")
+        m_safe = 0.0
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        denom = 0.0
+        for start in range(0, n_split, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)
+            smask = s < n_split
+            lse = tl.load(part_lse_ptr + bh * n_split + s, mask=smask, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)  # 0 while nothing has been seen (m = -inf)
+            w = tl.exp(lse - m_safe)
+            o = tl.load(part_o_ptr + (bh * n_split + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+            denom = denom * alpha + tl.sum(w, axis=0)
+            m = m_new
+        out = acc / tl.where(denom > 0, denom, 1.0)
         tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty))
         if tl.program_id(1) == 0:
-            tl.store(lse_ptr + bh, lse)
-
-
-# The splits of a launch are merged by the last of each (row, KV head)'s programs to finish, counted on a per-device
-# buffer of zeros that each merger leaves zero again (launches on one device run one after another: the decode step's
-# stream); False, or more splits than FUSED_MAX_SPLITS (a long slow row, whose merge spreads over programs of its
-# own), a merge launch of its own.
-FUSED_MERGE = True
-FUSED_MAX_SPLITS = 64
-_COUNTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counts(device: torch.device) -> torch.Tensor | None:
-    """The device's merge counters (int32 zeros), made outside CUDA-graph capture (None while capturing before
-    any launch made them: the step's warm-up launches do)."""
-    counts = _COUNTS.get(device)
-    if counts is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        counts = _COUNTS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-    return counts
+            tl.store(lse_ptr + bh, tl.where(denom > 0, m_safe + tl.log(denom), float("-inf")))
 
 
 def _check(q, k_cache, compact_k, rows) -> None:
@@ -337,13 +297,6 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     n_split = max(1, triton.cdiv(max_keys, split))
     if num_stages is None:
         num_stages = 3 if capture is None and (b > 1 or b * hkv * n_split >= 1024) else 2
-    if out is None:
-        out = (torch.empty(b, hq, d, dtype=q.dtype, device=q.device),
-               torch.empty(b, hq, dtype=torch.float32, device=q.device))
-    counts = _counts(q.device) if FUSED_MERGE and n_split <= FUSED_MAX_SPLITS else None
-    if counts is not None and counts.numel() < b * hkv:
-        counts = None
-    block_s = 16 if n_split <= 16 else 64
     part_o = torch.empty(b, hq, n_split, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, n_split, dtype=torch.float32, device=q.device)
     for t in (k_cache, v_cache, compact_k, compact_v):
@@ -355,7 +308,7 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
     cap_strides = (c.z.stride(0), c.z.stride(1)) if c is not None else (0,) * 2
     _ranged_decode_kernel[(b, hkv, n_split)](
         q, k_cache, v_cache, compact_k, compact_v, rows, compact_len, span_start, span_len, part_o, part_lse,
-        *out, counts if counts is not None else rows, *cap_args,
+        *cap_args,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         compact_k.stride(0), compact_k.stride(1), compact_k.stride(2),
@@ -367,11 +320,15 @@ def ranged_decode_attention(q, k_cache, v_cache, compact_k, compact_v, rows, com
         NATIVE=native_tiles and q.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
         # Tiles are upcast to float32: tf32 products are exact for bf16/fp16 values; float32 caches get
         # exact (ieee) products, since tf32 would round their mantissas.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSE=counts is not None, BLOCK_S=block_s,
-        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        **pdl_kwargs(pdl),
     )
-    if counts is None:
-        block_d = min(32, d)
-        _merge_splits_kernel[(b * hq, triton.cdiv(d, block_d))](
-            part_o, part_lse, *out, n_split, D=d, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4, **pdl_kwargs(pdl))
-    return out
+    if out is None:
+        out = (torch.empty(b, hq, d, dtype=q.dtype, device=q.device),
+               torch.empty(b, hq, dtype=torch.float32, device=q.device))
+    out, lse = out
+    block_d = min(32, d)
+    _merge_splits_kernel[(b * hq, triton.cdiv(d, block_d))](
+        part_o, part_lse, out, lse, n_split, D=d, BLOCK_D=block_d, BLOCK_S=16 if n_split <= 16 else 64, num_warps=4,
+        **pdl_kwargs(pdl))
+    return out, lse

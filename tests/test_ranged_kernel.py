@@ -203,28 +203,3 @@ def test_out_writes_rows_of_a_larger_batch_and_nothing_else():
     torch.testing.assert_close(ref[1], want_lse, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="out: expected a contiguous float32 lse"):
         ranged_decode_attention(q, *args, rows, clen, sstart, slen, out=(out, lse.double()))
-
-
-@pytest.mark.parametrize("split", [16, 64, 2048])  # 38 splits (block loop), 10, and one
-def test_fused_merge_matches_the_merge_launch_and_leaves_its_counters_zero(split, monkeypatch):
-    """The last program of each (row, KV head) merging its splits gives what the merge launch gives, launch after
-    launch (the counters are zero again after each)."""
-    import sfi_kernels.ranged_decode as rd
-
-    meta, hq, hkv, d = CASES[3]
-    torch.manual_seed(11)
-    b = len(meta)
-    q = torch.randn(b, hq, d, device=DEVICE)
-    kc, vc = (torch.randn(b, hkv, 700, d, device=DEVICE) for _ in range(2))
-    kk, vk = (torch.randn(b, hkv, 64, d, device=DEVICE) for _ in range(2))
-    rows = torch.arange(b, dtype=torch.int32, device=DEVICE)
-    clen, sstart, slen = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in zip(*meta, strict=True))
-    args = (q, kc, vc, kk, vk, rows, clen, sstart, slen)
-    monkeypatch.setattr(rd, "FUSED_MERGE", False)
-    want = ranged_decode_attention(*args, split=split, block_n=16)
-    monkeypatch.setattr(rd, "FUSED_MERGE", True)
-    for _ in range(2):
-        got = ranged_decode_attention(*args, split=split, block_n=16)
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
-        assert not rd._counts(q.device).any()
