@@ -33,8 +33,6 @@ MAX_ROWS = 16
 # Each program loads its first weight tile before waiting for the previous kernel (with PDL: while that kernel still
 # runs); False: after the wait, for an A/B.
 PREFETCH_FIRST_TILE = True
-# Pipeline depth for several rows on a grid of fewer than two programs per multiprocessor (`default_config`).
-FEW_PROGRAM_STAGES = 4
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -127,17 +125,13 @@ def default_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     rows; narrow matrices with a long K (4096 and up) split it until there are about two programs per multiprocessor
     (a split K of 2560 measured slower than none). One row: 2 columns by 1024 keys, from the chain of a step's
     projections with PDL (bench/pdl_probe.py, 2026-12-03-h200-pdl-probe-2.json: 2.11 ms for 36 layers against
-    2.70 with 4 columns and 2.40 for cuBLAS). Several rows on fewer than two programs per multiprocessor (the QKV
-    projection's 192): FEW_PROGRAM_STAGES weight tiles in flight instead of 3, from the same chain with one
-    projection's configuration changed at a time (bench/gemm_sweep.py, 2026-12-03-h200-gemm-sweep.json: 2.280 ->
-    2.244 ms at 4 rows, 2.334 -> 2.293 at 16; 4 stages elsewhere, or 8 warps, or other tiles, cost 0.01-0.76 ms)."""
+    2.70 with 4 columns and 2.40 for cuBLAS)."""
     block_n, block_k = (2, 1024) if m == 1 else (32, 128)
     programs = -(-n // block_n)
     split = 1
     while k >= 4096 and programs * split < 264 and k // (split * 2) >= 1024:
         split *= 2
-    stages = FEW_PROGRAM_STAGES if m > 1 and programs * split < 264 else 3
-    return block_n, block_k, split, 4, stages
+    return block_n, block_k, split, 4, 3
 
 
 def skinny_pays(m: int, n: int, k: int, pdl: bool = False) -> bool:

@@ -105,12 +105,3 @@ def test_first_weight_tile_before_the_wait_gives_the_same_product(m, n, k, confi
     torch.testing.assert_close(first, skinny_linear_ref(x, w), atol=3e-2, rtol=3e-2)
     monkeypatch.setattr(skinny_gemm, "PREFETCH_FIRST_TILE", False)
     assert torch.equal(first, skinny_linear(x, w, config=config))
-
-
-def test_deeper_pipeline_only_for_several_rows_on_a_small_grid():
-    """Qwen3-4B's projections: 4 weight tiles in flight for the QKV product's 192 programs at 4 and 16 rows, 3 for
-    one row and for the grids of two programs or more per multiprocessor (a split K counts its programs)."""
-    stages = {(m, n, k): skinny_gemm.default_config(m, n, k)[4]
-              for m in (1, 4, 16) for n, k in ((6144, 2560), (2560, 4096), (19456, 2560), (2560, 9728))}
-    assert stages[(4, 6144, 2560)] == stages[(16, 6144, 2560)] == skinny_gemm.FEW_PROGRAM_STAGES == 4
-    assert {v for key, v in stages.items() if key[1:] != (6144, 2560) or key[0] == 1} == {3}
