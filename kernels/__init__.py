@@ -17,7 +17,6 @@ from .fused import (
                     silu_mul,
                     silu_mul_ref,
 )
-from .l2_prefetch import l2_prefetch
 from .partials import SplitPartials
 from .pdl import use_pdl
 from .ranged_decode import LogitCapture, default_split, ranged_decode_attention, ranged_decode_attention_ref
@@ -27,7 +26,6 @@ from .topk_positions import kept_positions, kept_positions_ref
 
 __all__ = ["LogitCapture", "SplitPartials", "add_rms_norm", "add_rms_norm_ref", "compact_write", "compact_write_ref",
            "decode_attention", "decode_attention_ref", "decode_qkv", "decode_qkv_ref", "default_split",
-           "kept_positions", "kept_positions_ref", "l2_prefetch", "ranged_decode_attention",
-           "ranged_decode_attention_ref",
+           "kept_positions", "kept_positions_ref", "ranged_decode_attention", "ranged_decode_attention_ref",
            "rms_norm", "rms_norm_ref", "selector_scores", "selector_scores_ref", "silu_mul", "silu_mul_ref",
            "skinny_linear", "skinny_linear_ref", "skinny_pays", "use_pdl"]

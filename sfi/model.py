@@ -24,7 +24,6 @@ from sfi_kernels import (
     add_rms_norm_ref,
     decode_qkv,
     decode_qkv_ref,
-    l2_prefetch,
     rms_norm,
     rms_norm_ref,
     silu_mul,
@@ -212,10 +211,6 @@ def _add_norm(h: torch.Tensor, r: torch.Tensor | SplitPartials, norm: RMSNorm) -
     return (add_rms_norm if h.is_cuda else add_rms_norm_ref)(h, r, norm.weight, norm.eps)
 
 
-# A decode step prefetches each layer's output-projection weights into L2 on a side stream while the layer's
-# attention runs (kernels/l2_prefetch.py); an experiment, off until an A/B on a GPU shows it pays.
-L2_PREFETCH = False
-
 # The residual's projections (attention output, MLP down) hand their split-K partials to the add + RMSNorm after
 # them instead of adding them in a launch of their own (kernels/partials.py); False: the split sum (for an A/B).
 FOLD_SPLIT_SUMS = True
@@ -387,16 +382,10 @@ class Attention(nn.Module):
         return out  # [1, Hq, T, D]
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-               step: DecodeStep, partial: bool = False,
-               side: torch.cuda.Stream | None = None) -> torch.Tensor | SplitPartials:
-        """x [B, 1, H] -> [B, 1, H]; `partial`: perhaps as split-K partials (see `_linear`). `side`: a stream on which
-        the output projection's weights are prefetched into L2 while the attention runs (`L2_PREFETCH`)."""
+               step: DecodeStep, partial: bool = False) -> torch.Tensor | SplitPartials:
+        """x [B, 1, H] -> [B, 1, H]; `partial`: perhaps as split-K partials (see `_linear`)."""
         b = x.shape[0]
         q = self.qkv_into_cache(x[:, 0], cos, sin, cache, step)  # [B, Hq, D]; cos, sin: the whole tables
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                l2_prefetch(self.wo.weight)
         out = attention.decode(self.layer, q, cache, step, self.scale)  # [B, Hq, D]
         return _linear(self.wo, out.reshape(b, 1, -1), partial=partial)
 
@@ -545,16 +534,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens[:, None])  # [B, 1, H]
         # Block.forward unrolled so each residual add runs with the RMSNorm after it (one launch on a GPU).
         x = self.layers[0].attention_norm(h)
-        side = None
-        if L2_PREFETCH and h.is_cuda:
-            side = self._prefetch_side = getattr(self, "_prefetch_side", None) or torch.cuda.Stream(device=h.device)
         for i, block in enumerate(self.layers):
-            h, x = _add_norm(h, block.attention.decode(x, cos, sin, cache, step, partial=True, side=side),
-                             block.ffn_norm)
+            h, x = _add_norm(h, block.attention.decode(x, cos, sin, cache, step, partial=True), block.ffn_norm)
             after = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
             h, x = _add_norm(h, block.mlp(x, partial=True), after)
         if step.refresh is not None:
             step.refresh.finish()  # the last layers' refreshes are done before the step is
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
         return _linear(self.output, x[:, 0]).float()
