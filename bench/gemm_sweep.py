@@ -13,7 +13,7 @@ import json
 import sys
 
 import torch
-from gpu_micro import graph_ms  # bench/ on the path, as in bench/gpu_session.sh
+from gpu_micro import SHAPES, graph_ms, timed_variant  # bench/ on the path, as in bench/gpu_session.sh
 
 import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi.tools.bench import measure_copy_bandwidth
@@ -21,8 +21,7 @@ from sfi_kernels import skinny_linear
 from sfi_kernels.skinny_gemm import default_config
 
 LAYERS = 36
-HIDDEN, Q_OUT, QKV_OUT, INTER = 2560, 4096, 6144, 9728
-SHAPES = {"wqkv": (QKV_OUT, HIDDEN), "wo": (HIDDEN, Q_OUT), "w13": (2 * INTER, HIDDEN), "w2": (HIDDEN, INTER)}
+HIDDEN, Q_OUT, INTER = 2560, 4096, 9728
 
 
 def candidates(m: int, n: int, k: int) -> list[tuple[int, int, int, int, int]]:
@@ -73,18 +72,13 @@ def main() -> None:
                 if cfg == default_config(m, n, k):
                     continue
                 row = {"m": m, "shape": name, "config": cfg}
-                try:
-                    got = chain(x, {name: cfg}).float()
-                    row["rel_err"] = ((got - want).norm() / want.norm()).item()
-                    row["ms"] = graph_ms(lambda x=x, cfg=cfg, name=name: chain(x, {name: cfg}))
+                run = lambda x=x, cfg=cfg, name=name: chain(x, {name: cfg})  # noqa: E731
+                if timed_variant(row, run, want, f"m={m:2d} {name:5s} {cfg}"):
                     row["gain_ms"] = base - row["ms"]
                     if row["rel_err"] < 1e-2 and row["ms"] < best[0]:
                         best = (row["ms"], cfg)
                     print(f"m={m:2d} {name:5s} {cfg} {row['ms']:.3f} ms ({row['gain_ms']:+.3f}) "
                           f"err {row['rel_err']:.1e}", flush=True)
-                except Exception as exc:  # a configuration that does not compile or launch here
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    print(f"m={m:2d} {name:5s} {cfg} failed: {row['error']}", flush=True)
                 result["rows"].append(row)
             result["best"].append({"m": m, "shape": name, "default": default_config(m, n, k), "config": best[1],
                                    "gain_ms": base - best[0]})

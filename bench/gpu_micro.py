@@ -55,6 +55,20 @@ def graph_ms(fn, reps: int = 10, rounds: int = 5) -> float:
     return statistics.median(times)
 
 
+def timed_variant(row: dict, run, want: torch.Tensor, label: str) -> bool:
+    """A variant's relative error against `want` and its graph time into `row` (rel_err, ms); where it does not
+    compile or launch here, the error it raised instead (printed after `label`), and False."""
+    try:
+        got = run().float()
+        row["rel_err"] = ((got - want).norm() / want.norm()).item()
+        row["ms"] = graph_ms(run)
+    except Exception as exc:  # a variant that does not compile or launch here
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(f"{label} failed: {row['error']}", flush=True)
+        return False
+    return True
+
+
 def _gemms(x, ws, cfg=None, torch_linear=False):
     return [F.linear(x, w) if torch_linear else skinny_linear(x, w, config=cfg) for w in ws]
 

@@ -12,7 +12,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from gpu_micro import graph_ms  # bench/ on the path, as in bench/gpu_session.sh
+from gpu_micro import graph_ms, timed_variant  # bench/ on the path, as in bench/gpu_session.sh
 
 import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi.tools.bench import measure_copy_bandwidth
@@ -65,16 +65,11 @@ def main() -> None:
                 variants[f"pdl_{bn}x{bk}" + ("_w2_split2" if split2 else "")] = shaped
         for name, linear in variants.items():
             row = {"m": m, "variant": name}
-            try:
-                got = chain(x, linear).float()
-                row["rel_err"] = ((got - want).norm() / want.norm()).item()
-                ms = graph_ms(lambda linear=linear, x=x: chain(x, linear))
-                row.update(ms=ms, GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / result["copy_GBps"])
+            if timed_variant(row, lambda linear=linear, x=x: chain(x, linear), want, f"m={m:2d} {name:32s}"):
+                ms = row["ms"]
+                row.update(GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / result["copy_GBps"])
                 print(f"m={m:2d} {name:32s} {ms:7.3f} ms {row['GBps']:6.0f} GB/s ({row['pct_copy']:4.1f}% of copy) "
                       f"err {row['rel_err']:.1e}", flush=True)
-            except Exception as exc:  # a variant that does not compile or launch here
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"m={m:2d} {name:32s} failed: {row['error']}", flush=True)
             result["rows"].append(row)
             with open(out_path, "w") as f:
                 json.dump(result, f, indent=1)
