@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -126,3 +127,12 @@ def test_bench_rows_go_slow_on_different_steps():
     boundary, states = StaggeredPeriod(8, 4), [BoundaryState() for _ in range(4)]
     slow_rows = [sum(boundary.observe(s, 0) for s in states) for _ in range(32)]
     assert max(slow_rows) == 1 and sum(slow_rows) == 16
+    # A pipelined decoder guesses each row's answer before observing it: the guess is that answer and sets no phase.
+    guessed, states = StaggeredPeriod(8, 4), [BoundaryState() for _ in range(4)]
+    slow_guessed = []
+    for _ in range(32):
+        guesses = [guessed.guess(dataclasses.replace(s)) for s in states]
+        answers = [guessed.observe(s, 0) for s in states]
+        assert guesses == answers
+        slow_guessed.append(sum(answers))
+    assert slow_guessed == slow_rows

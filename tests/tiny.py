@@ -85,8 +85,8 @@ def load_for_sfi(tmp_root: Path, family: str, seed: int, **overrides):
 
 
 class ThirdIds:
-    """A boundary policy whose slow steps follow the tokens: any id divisible by 3, and at least every 9th step. It
-    has no `guess`, so a pipelined decoder's guess (a token that is none) misses a third of them."""
+    """A boundary policy whose slow steps follow the tokens: any id divisible by 3, and at least every 9th step. Its
+    `guess` is a token that is none, so a pipelined decoder's guesses miss a third of them."""
 
     def observe(self, state, token: int) -> bool:
         state.step += 1
@@ -94,3 +94,6 @@ class ThirdIds:
         if slow:
             state.last_slow = state.step
         return slow
+
+    def guess(self, state) -> bool:
+        return self.observe(state, 1)

@@ -505,6 +505,7 @@ class _Plan:
         rt = decoder.runtime
         return rt is None or all(rt.pending[s] == p for s, p in zip(rows, pending, strict=True))
 
+
 @dataclass
 class _Flight:
     """A launched step: its plan, its logits (valid until the next launch), when its time started and ended."""

@@ -87,7 +87,13 @@ class BoundaryState:
 
 
 class Boundary(Protocol):
+    """A slow-step detector: `observe` takes each row's token in turn; `guess` is its likeliest answer for a token
+    not yet known (the pipelined decoder plans a step before its inputs' tokens are read). `guess` may change the
+    state it is given (callers pass a copy) but never the detector itself."""
+
     def observe(self, state: BoundaryState, token: int) -> bool: ...
+
+    def guess(self, state: BoundaryState) -> bool: ...
 
 
 def _advance(state: BoundaryState, slow: bool) -> bool:
@@ -125,8 +131,7 @@ class SentenceBoundary:
         return _advance(state, fire or step == self.early_step or step - state.last_slow >= self.max_interval)
 
     def guess(self, state: BoundaryState) -> bool:
-        """`observe`'s likeliest answer for a token not yet known (it changes `state`: pass a copy): after an
-        ender, a word that starts a sentence; otherwise a token that neither ends nor starts one."""
+        """After an ender, a word that starts a sentence; otherwise a token that neither ends nor starts one."""
         return self.observe(state, self.vocab.word if state.armed else -1)
 
 
@@ -139,12 +144,18 @@ class FixedPeriod:
     def observe(self, state: BoundaryState, token: int) -> bool:
         return _advance(state, state.step + 1 - state.last_slow >= self.period)
 
+    def guess(self, state: BoundaryState) -> bool:
+        return self.observe(state, -1)  # exact: the tokens do not matter
+
 
 @dataclass(frozen=True)
 class NoBoundary:
     """Ablation: only the bootstrap selection after prefill; never refreshed."""
 
     def observe(self, state: BoundaryState, token: int) -> bool:
+        return _advance(state, False)
+
+    def guess(self, state: BoundaryState) -> bool:
         return _advance(state, False)
 
 

@@ -162,11 +162,9 @@ class SfiRuntime:
             self._commit(capture)
 
     def guess_pending(self, row: int) -> bool:
-        """What the row's boundary will most likely say of the token being sampled now (`Boundary.guess`, or its
-        answer for a token that neither ends nor starts a sentence), without changing its state."""
-        guess = getattr(self.boundary, "guess", None)
-        state = dataclasses.replace(self.state[row])
-        return guess(state) if guess is not None else self.boundary.observe(state, -1)
+        """What the row's boundary will most likely say of the token being sampled now (`Boundary.guess`, on a
+        copy of the row's state)."""
+        return self.boundary.guess(dataclasses.replace(self.state[row]))
 
     def ranges(self, active: Sequence[int], kinds: Sequence[str]) -> tuple[list[int], list[int]]:
         """Per row (compact length, first cache position read): fast rows read their memory and recent

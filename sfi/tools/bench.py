@@ -157,6 +157,13 @@ class StaggeredPeriod:
             self.started += 1
         return FixedPeriod(self.period).observe(state, token)
 
+    def guess(self, state: BoundaryState) -> bool:
+        """`observe`'s answer without setting a phase: a row not yet started gets the one its first `observe`
+        will give it if it is the next row to start."""
+        if state.step == 0:
+            state.last_slow = -(self.started * self.period // self.rows)
+        return FixedPeriod(self.period).guess(state)
+
 
 def bench_ours(model: Transformer, ctx: int, batch: int, new_tokens: int, sfi: SfiConfig | None = None,
                period: int = 24, seed: int = 0, warmup_steps: int = 5, cuda_graphs: bool = True,
