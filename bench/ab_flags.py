@@ -6,8 +6,6 @@ true/false, and NAME must exist."""
 import importlib
 import sys
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
-
 
 def parse(text: str):
     if text.lower() in ("true", "false"):

@@ -7,7 +7,6 @@ import sys
 
 from ab_flags import parse  # bench/ is the script's folder
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import ranged_decode_attention
 
 

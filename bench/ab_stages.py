@@ -12,7 +12,6 @@ import sys
 import torch
 from gpu_micro import graph_ms  # bench/ on the path, as in bench/gpu_session.sh
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import LogitCapture, ranged_decode_attention
 from sfi_kernels.ranged_decode import default_split
 

@@ -13,8 +13,6 @@ import sys
 
 import torch
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
-
 KINDS = ("attention", "merge", "norms", "qkv", "small")
 
 

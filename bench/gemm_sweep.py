@@ -15,7 +15,6 @@ import sys
 import torch
 from gpu_micro import SHAPES, graph_ms, timed_variant  # bench/ on the path, as in bench/gpu_session.sh
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi.tools.bench import measure_copy_bandwidth
 from sfi_kernels import skinny_linear
 from sfi_kernels.skinny_gemm import default_config

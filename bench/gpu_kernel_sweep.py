@@ -10,7 +10,6 @@ import sys
 
 import torch
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import ranged_decode_attention
 from sfi_kernels.ranged_decode import default_split
 

@@ -19,7 +19,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi_kernels import LogitCapture, ranged_decode_attention, skinny_linear
 
 LAYERS = 36

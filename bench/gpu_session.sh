@@ -55,7 +55,7 @@ run_stage() {
     capture-q4b) PYTHONPATH=.:tests python3 bench/gpu_capture_smoke.py /root/smoke-q4b /root/q4b ;;
     bench-short) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --json "$OUT/bench-short.json" ;;
     bench-mid) python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --json "$OUT/bench-mid.json" ;;
-    # The same without programmatic dependent launch (kernels/pdl.py), for the A/B in one call.
+    # The same without programmatic dependent launch (sfi_kernels/pdl.py), for the A/B in one call.
     bench-mid-nopdl) SFI_PDL=0 python3 -m sfi_cli.main bench --ctx 8k,32k --batch 1,4 --new-tokens 256 --no-hf --no-torch \
                        --json "$OUT/bench-mid-nopdl.json" ;;
     # The same points with the ranged kernel's float32-upcast tiles, for an A/B against native tiles.

@@ -1,7 +1,7 @@
 """The decode step's weight streaming as a chain, in one CUDA graph: 36 layers of the Qwen3-4B projections (QKV,
 output, gate|up, down), each product's output feeding the next one's input, so every kernel waits for the one
 before it as in a decode step. cuBLAS (F.linear) against the skinny Triton GEMM without and with programmatic
-dependent launch (kernels/pdl.py), at 1, 4 and 16 rows, with a few block shapes; then the MLP alone with the
+dependent launch (sfi_kernels/pdl.py), at 1, 4 and 16 rows, with a few block shapes; then the MLP alone with the
 activation in the down projection's loads (`gated`) or in a launch of its own.
 GB/s of weights streamed and the share of the copy bandwidth; outputs against cuBLAS's. JSON to argv[1]."""
 
@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from gpu_micro import graph_ms, timed_variant  # bench/ on the path, as in bench/gpu_session.sh
 
-import sfi  # noqa: F401  (makes kernels/ importable as sfi_kernels from a source tree)
 from sfi.tools.bench import measure_copy_bandwidth
 from sfi_kernels import silu_mul, skinny_linear
 from sfi_kernels.skinny_gemm import default_config

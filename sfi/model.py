@@ -161,7 +161,7 @@ class DecodeStep:
     """One new token for each of the rows `rows` [B] (cache row indices), at `positions` [B].
 
     Every row's attention reads one range of the compact memory and then one span of its cache (see
-    kernels/ranged_decode.py): `ranges` = (rows, compact_len, span_start, span_len) int32 [B] and the host
+    sfi_kernels/ranged_decode.py): `ranges` = (rows, compact_len, span_start, span_len) int32 [B] and the host
     max of compact_len + span_len. A fast row reads compact + recent span, a slow or dense row nothing of the
     memory and its whole cache, so every kind of row runs the same step (sfi.engine.step builds it)."""
 
@@ -212,7 +212,7 @@ def _add_norm(h: torch.Tensor, r: torch.Tensor | SplitPartials, norm: RMSNorm) -
 
 
 # The residual's projections (attention output, MLP down) hand their split-K partials to the add + RMSNorm after
-# them instead of adding them in a launch of their own (kernels/partials.py); False: the split sum (for an A/B).
+# them instead of adding them in a launch of their own (sfi_kernels/partials.py); False: the split sum (for an A/B).
 FOLD_SPLIT_SUMS = True
 
 

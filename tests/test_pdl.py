@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (kernels/pdl.py): off where it cannot apply, and on a GPU the same results as plain
+"""Programmatic dependent launch (sfi_kernels/pdl.py): off where it cannot apply, and on a GPU the same results as plain
 stream order, op by op and in a CUDA graph."""
 
 from __future__ import annotations

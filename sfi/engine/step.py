@@ -2,7 +2,7 @@
 from a CUDA graph instead of being launched op by op.
 
 Only metadata changes between steps. Each row's attention is one range of the compact memory followed
-by one span of its main cache (see kernels/ranged_decode.py): a fast row reads compact + recent, a slow
+by one span of its main cache (see sfi_kernels/ranged_decode.py): a fast row reads compact + recent, a slow
 or dense row an empty compact range + its whole cache. So slow rows do not break the graph for the
 others. Slow rows' refreshes run inside the step, a group of layers at a time on a side stream after the
 group's last attention (see sfi.method.refresh), and are part of the graph.

@@ -1,5 +1,5 @@
-"""Attention kernels of `sfi`, imported as `sfi_kernels` (never as `kernels`: Hugging Face ships a
-package of that name and transformers probes for it).
+"""Attention kernels of `sfi`, as `sfi_kernels` (never `kernels`: Hugging Face ships a package of that name,
+which transformers imports).
 
 Each kernel comes as a pure-torch reference plus, where it pays, a Triton implementation with the
 same signature. The references are the ground truth in tests and the CPU fallback at run time.

@@ -8,7 +8,7 @@ order: no atomics, so results do not depend on timing; with `partial`, that sum 
 `SplitPartials`, which `add_rms_norm` adds in the same order: one launch fewer). Rows go through the tensor
 cores padded to 16 (M >= 2) or, for one row, as plain multiply-adds. With `gated`, x is the gated MLP's
 gate | up and the product's input SiLU(gate) * up, computed in the loads for one row. On Hopper and later GPUs
-both launches take programmatic dependent launch (kernels/pdl.py).
+both launches take programmatic dependent launch (sfi_kernels/pdl.py).
 
 `w` is an nn.Linear weight (row-major [N, K]); x [..., K] with prod(...) = M. float32 accumulation.
 """
@@ -81,7 +81,7 @@ if triton is not None:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         if PREFETCH:
             # No kernel writes the weights: the first tile is loaded before the wait, while the previous kernel
-            # still runs (kernels/pdl.py), and multiplied once x may be read.
+            # still runs (sfi_kernels/pdl.py), and multiplied once x may be read.
             k = k_lo + tl.arange(0, BLOCK_K)
             kmask = k < k_hi
             w = tl.load(w_at + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
@@ -138,7 +138,7 @@ def skinny_pays(m: int, n: int, k: int, pdl: bool = False) -> bool:
     """Whether the skinny kernel beats cuBLAS for this shape on an H200. Without PDL
     (bench/results/2026-12-01-h200-micro*.json): from 2 to 16 rows, when its default configuration puts at least
     two programs on each multiprocessor (so not for one row, nor for [6144, 2560] with its 192 programs). With PDL
-    (kernels/pdl.py), for every shape up to 16 rows: a decode step's chain of kernels then overlaps each launch with
+    (sfi_kernels/pdl.py), for every shape up to 16 rows: a decode step's chain of kernels then overlaps each launch with
     the one before (bench/pdl_probe.py)."""
     if not 1 <= m <= MAX_ROWS or triton is None:
         return False
@@ -153,7 +153,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                   gated: bool = False, partial: bool = False) -> torch.Tensor | SplitPartials:
     """x [..., K], w [N, K], bias [N] or None -> [..., N] in x's dtype; falls back to torch past 16 rows or off
     a GPU (see the module docstring). `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). `pdl`
-    (default: where the device has it, kernels/pdl.py): launched with programmatic dependent launch. `gated`: x is
+    (default: where the device has it, sfi_kernels/pdl.py): launched with programmatic dependent launch. `gated`: x is
     [..., 2K], gate | up, and the product is SiLU(gate) * up @ w^T (the gated MLP's down projection with the
     activation in its loads, rounded as `silu_mul` rounds). `partial`: where K is split, return the partials
     unsummed (`SplitPartials`) for a consumer that adds them (`add_rms_norm`); otherwise the product as usual."""
