@@ -15,6 +15,8 @@ run_stage() {
     micro-quick) python3 bench/gpu_micro.py "$OUT/micro.json" quick ;;
     micro-capture) python3 bench/gpu_micro.py "$OUT/micro-capture.json" capture ;;
     profile) python3 bench/gpu_profile.py "$OUT/profile.json" ;;
+    # A step's time and bytes by kernel, PDL off and op by op so that durations add up (8k, SFI and dense).
+    kernel-table) python3 bench/kernel_table.py "$OUT/kernel-table.json" ;;
     prefill-profile) python3 bench/gpu_prefill_profile.py "$OUT/prefill-profile.json" ;;
     ab-stages) python3 bench/ab_stages.py "$OUT/ab-stages.json" ;;
     pdl-probe) python3 bench/pdl_probe.py "$OUT/pdl-probe.json" ;;
