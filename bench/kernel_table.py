@@ -1,7 +1,8 @@
 """A decode step's time and bytes by kernel (issue 13's per-kernel table), Qwen3-4B shape, random bf16, 8k.
 
 For each point: the profiler's kernel durations over 20 steps launched op by op with programmatic dependent launch
-off (SFI_PDL=0), so that no kernel's time includes a wait for its predecessor and the durations add up; the bytes
+off (SFI_PDL=0) but the kernels chosen as with it, so that no kernel's time includes a wait for its predecessor and
+the durations add up; the bytes
 the matrix products and the attention must move (the weights; each row's keys and values as the runtime counts them,
 plus the split partials the merge reads); and, for scale, the same point's device time per step in CUDA graphs with
 PDL on (`sfi bench`'s `gpu_step_ms_p50`). SFI points are fast-only steps (no slow step fires). JSON to argv[1]."""
@@ -17,6 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import sfi.model
 from sfi.config import SfiConfig
 from sfi.engine.decoder import StepDone, generate
 from sfi.method.boundary import FixedPeriod
@@ -26,14 +28,12 @@ from sfi_kernels.ranged_decode import default_split
 
 CTX, STEPS, NEVER = 8192, 20, 10**9
 POINTS = [("sfi", 1), ("sfi", 4), ("sfi", 16), ("dense", 1), ("dense", 4)]
-GROUPS = {"_skinny_gemm_kernel": "matrix products (skinny GEMM, lm head included)",
-          "_ranged_decode_kernel": "attention", "_merge_splits_kernel": "split merge",
-          "_add_rms_norm_kernel": "add + RMSNorm", "_decode_qkv_kernel": "q/k norm, rotary, cache write",
-          "_silu_mul_kernel": "SiLU x up (2+ rows)", "_rms_norm_kernel": "final RMSNorm"}
+PRODUCTS, ATTENTION, MERGE = "_skinny_gemm_kernel", "_ranged_decode_kernel", "_merge_splits_kernel"
 
 
 def profiled(gen, steps: int) -> dict[str, list[float]]:
-    """Kernel name -> [milliseconds, launches] per step over the next `steps` decode steps of `gen`."""
+    """Kernel name (its first 70 characters) -> [milliseconds, launches] per step over the next `steps` decode steps
+    of `gen`."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         done = 0
@@ -43,7 +43,7 @@ def profiled(gen, steps: int) -> dict[str, list[float]]:
     by: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            entry = by[GROUPS.get(ev.name, "other (torch: embedding, argmax, copies)")]
+            entry = by[ev.name[:70]]
             entry[0] += ev.device_time_total / 1e3 / steps
             entry[1] += 1 / steps
     return dict(by)
@@ -73,8 +73,7 @@ def point(model, kind: str, batch: int, bandwidth: float) -> dict:
     weights = model.output.weight.numel() * model.output.weight.element_size() + sum(
         p.numel() * p.element_size() for name, p in model.named_parameters()
         if p.dim() == 2 and name.startswith("layers."))
-    moved = {GROUPS["_skinny_gemm_kernel"]: weights, GROUPS["_ranged_decode_kernel"]: kv + partials,
-             GROUPS["_merge_splits_kernel"]: 2 * partials}
+    moved = {PRODUCTS: weights, ATTENTION: kv + partials, MERGE: 2 * partials}
     rows = []
     for name, (ms, launches) in sorted(kernels.items(), key=lambda kv_: -kv_[1][0]):
         row = {"kernel": name, "ms": ms, "launches": launches, "us_per_launch": 1e3 * ms / max(launches, 1)}
@@ -97,6 +96,9 @@ def point(model, kind: str, batch: int, bandwidth: float) -> dict:
 
 def main() -> None:
     os.environ["SFI_PDL"] = "0"
+    # The step's kernels as with PDL (without it, cuBLAS takes the shapes where our GEMM pays only with PDL):
+    # the dispatch asks sfi.model's use_pdl, the launches sfi_kernels.pdl's, which reads SFI_PDL.
+    sfi.model.use_pdl = lambda t: t.is_cuda
     dev = torch.device("cuda")
     bandwidth = measure_copy_bandwidth(dev)
     model = random_model("qwen3-4b", CTX + 512, dev, torch.bfloat16)
