@@ -19,19 +19,27 @@ from sfi.method.runtime import SfiRuntime
 from sfi.tools.bench import _requests, random_model
 
 
-def kernel_ms(gen, steps: int) -> dict[str, float]:
-    """GPU milliseconds by kernel name over the next `steps` decode steps of `gen`."""
+def kernel_stats(gen, steps: int) -> dict[str, list[float]]:
+    """Kernel name (its first 90 characters) -> [GPU milliseconds, launches] over the next `steps` decode steps of
+    `gen`."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         done = 0
         while done < steps:
             done += isinstance(next(gen), StepDone)
         torch.cuda.synchronize()
-    by: dict[str, float] = defaultdict(float)
+    by: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            by[ev.name[:90]] += ev.device_time_total / 1e3
+            entry = by[ev.name[:90]]
+            entry[0] += ev.device_time_total / 1e3
+            entry[1] += 1
     return dict(by)
+
+
+def kernel_ms(gen, steps: int) -> dict[str, float]:
+    """GPU milliseconds by kernel name over the next `steps` decode steps of `gen`."""
+    return {name: ms for name, (ms, _) in kernel_stats(gen, steps).items()}
 
 
 def slow_step(out_path: str, dev: str = "cuda", ctx: int = 131072) -> None:

@@ -2,10 +2,10 @@
 
 For each point: the profiler's kernel durations over 20 steps launched op by op with programmatic dependent launch
 off (SFI_PDL=0) but the kernels chosen as with it, so that no kernel's time includes a wait for its predecessor and
-the durations add up; the bytes
-the matrix products and the attention must move (the weights; each row's keys and values as the runtime counts them,
-plus the split partials the merge reads); and, for scale, the same point's device time per step in CUDA graphs with
-PDL on (`sfi bench`'s `gpu_step_ms_p50`). SFI points are fast-only steps (no slow step fires). JSON to argv[1]."""
+the durations add up; the bytes the matrix products and the attention must move (the weights; each row's keys and
+values as the runtime counts them, plus the split partials the merge reads); and, for scale, the same point's device
+time per step in CUDA graphs with PDL on (`sfi bench`'s `gpu_step_ms_p50`). SFI points are fast-only steps (no slow
+step fires). JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import json
 import math
 import os
 import sys
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from gpu_profile import kernel_stats  # bench/ is the script's folder
 
 import sfi.model
 from sfi.config import SfiConfig
@@ -32,21 +31,8 @@ PRODUCTS, ATTENTION, MERGE = "_skinny_gemm_kernel", "_ranged_decode_kernel", "_m
 
 
 def profiled(gen, steps: int) -> dict[str, list[float]]:
-    """Kernel name (its first 70 characters) -> [milliseconds, launches] per step over the next `steps` decode steps
-    of `gen`."""
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        done = 0
-        while done < steps:
-            done += isinstance(next(gen), StepDone)
-        torch.cuda.synchronize()
-    by: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            entry = by[ev.name[:70]]
-            entry[0] += ev.device_time_total / 1e3 / steps
-            entry[1] += 1 / steps
-    return dict(by)
+    """Kernel name -> [milliseconds, launches] per step over the next `steps` decode steps of `gen`."""
+    return {name: [ms / steps, n / steps] for name, (ms, n) in kernel_stats(gen, steps).items()}
 
 
 def point(model, kind: str, batch: int, bandwidth: float) -> dict:
