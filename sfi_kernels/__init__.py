@@ -8,14 +8,14 @@ same signature. The references are the ground truth in tests and the CPU fallbac
 from .compact import compact_write, compact_write_ref
 from .decode_attention import decode_attention, decode_attention_ref
 from .fused import (
-                    add_rms_norm,
-                    add_rms_norm_ref,
-                    decode_qkv,
-                    decode_qkv_ref,
-                    rms_norm,
-                    rms_norm_ref,
-                    silu_mul,
-                    silu_mul_ref,
+    add_rms_norm,
+    add_rms_norm_ref,
+    decode_qkv,
+    decode_qkv_ref,
+    rms_norm,
+    rms_norm_ref,
+    silu_mul,
+    silu_mul_ref,
 )
 from .partials import SplitPartials
 from .pdl import use_pdl
